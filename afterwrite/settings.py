@@ -1,0 +1,220 @@
+"""One typed settings object, loaded once from ``AFTERWRITE_*`` environment variables.
+
+Every process (request handler, worker, beat, CLI) calls :func:`load_settings` once at start and
+passes the result explicitly. A wrong value, a missing required value or an unknown
+``AFTERWRITE_*`` variable (usually a typo) fails with :class:`SettingsError`, whose message names
+the variable, so a bad deploy stops at start instead of misbehaving later.
+
+Units are in the names: ``_s`` seconds, ``_ms`` milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "AFTERWRITE_"
+
+# Variables that belong to the tooling around afterwrite rather than to the settings object.
+_NOT_SETTINGS = frozenset(
+    {
+        "AFTERWRITE_VENV",  # ./dev
+        "AFTERWRITE_PG_BIN",  # afterwrite.services: where to find PostgreSQL binaries
+        "AFTERWRITE_REDIS_SERVER",  # afterwrite.services: which redis-server to run
+        "AFTERWRITE_TEST_DATABASE_URL",  # tests: server to create test databases on
+        "AFTERWRITE_TEST_REDIS_URL",  # tests: Redis to use (a database number is flushed)
+    }
+)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed, or unknown. The message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Validated configuration. Field ``x`` is read from ``AFTERWRITE_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True
+    )
+
+    # --- where things are -------------------------------------------------------------------
+    database_url: str | None = None
+    """PostgreSQL URL (``postgresql://user@host:5432/db``). Required by workers and the CLI."""
+    redis_url: str | None = None
+    """Redis URL for the record streams (``redis://``, ``rediss://user:pass@…``, ``unix://``)."""
+    broker_url: str | None = None
+    """Celery broker URL; defaults to ``redis_url``."""
+    data_dir: Path = Path(".afterwrite")
+    """Where the demo keeps private PostgreSQL/Redis data when no URLs are configured."""
+
+    # --- streams ----------------------------------------------------------------------------
+    stream_prefix: str = "afterwrite"
+    """Redis key prefix: kind ``query`` streams to ``<prefix>:stream:query``."""
+    consumer_group: str = "afterwrite"
+    stream_max_entries: PositiveInt = 1_000_000
+    """Backlog cap per stream. Over it, producers stop adding (and report it) rather than grow
+    Redis memory without bound; entries are never trimmed before they are drained."""
+
+    # --- producer ---------------------------------------------------------------------------
+    producer_timeout_ms: PositiveFloat = 50.0
+    """Socket timeout of one producer call to Redis: the most a ``record_*`` call can block."""
+    producer_cap_check_interval_s: PositiveFloat = 1.0
+    """How often a producer re-reads the stream length to enforce ``stream_max_entries``."""
+
+    # --- drain ------------------------------------------------------------------------------
+    batch_max_entries: Annotated[int, Field(gt=0, le=100_000)] = 5_000
+    """Entries read from a stream per batch (one COPY, one COMMIT)."""
+    drain_interval_s: PositiveFloat = 1.0
+    """Beat kicks every kind's drain this often."""
+    drain_budget_s: PositiveFloat = 10.0
+    """A drain that finds backlog keeps going for at most this long, then yields its worker."""
+    drainers_per_stream: Annotated[int, Field(gt=0, le=64)] = 2
+    """At most this many drains read one stream at the same time."""
+    batch_timeout_s: PositiveFloat = 30.0
+    """PostgreSQL statement timeout for one batch's writes."""
+    reclaim_idle_s: PositiveFloat = 120.0
+    """Pending entries idle this long belong to a dead consumer and are reclaimed."""
+    reclaim_interval_s: PositiveFloat = 15.0
+    max_deliveries: Annotated[int, Field(gt=0, le=1000)] = 5
+    """An entry delivered more often than this is dead-lettered instead of retried."""
+
+    # --- flower -----------------------------------------------------------------------------
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+    flower_port: Annotated[int, Field(gt=0, lt=65536)] = 5555
+    flower_unauthenticated: bool = False
+    """Explicit opt-out of Flower authentication (local development only)."""
+
+    # --- logging ----------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        scheme = urlsplit(v).scheme
+        if scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
+            raise ValueError(f"must be a postgresql:// URL, got scheme {scheme!r}")
+        return v
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _check_redis_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {parts.scheme!r}")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host")
+        return v
+
+    @field_validator("stream_prefix", "consumer_group")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "_-." for c in v):
+            raise ValueError("may contain only letters, digits, '_', '-' and '.'")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, v: str) -> str:
+        level = v.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _check_timing(self) -> Settings:
+        # A batch must finish (or be abandoned by its statement timeout) well before another
+        # worker may take its entries over, or the same entries are written by two workers at once.
+        if self.reclaim_idle_s < 2 * self.batch_timeout_s:
+            raise ValueError(
+                "AFTERWRITE_RECLAIM_IDLE_S must be at least twice AFTERWRITE_BATCH_TIMEOUT_S "
+                f"({self.reclaim_idle_s} < 2 x {self.batch_timeout_s})"
+            )
+        if self.flower_password is not None and not self.flower_user:
+            raise ValueError("AFTERWRITE_FLOWER_PASSWORD is set but AFTERWRITE_FLOWER_USER is not")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: Any, *_: Any, **__: Any
+    ) -> tuple[Any, ...]:
+        # load_settings() hands every value in explicitly, so an explicit ``environ`` fully
+        # decides the result; pydantic-settings reading os.environ itself would bypass it.
+        return (init_settings,)
+
+    # --- derived ----------------------------------------------------------------------------
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.require_redis_url()
+
+    def require_database_url(self) -> str:
+        """The database URL as libpq/psycopg takes it; SettingsError when unset."""
+        if not self.database_url:
+            raise SettingsError(f"{ENV_PREFIX}DATABASE_URL is not set (a postgresql:// URL)")
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise SettingsError(f"{ENV_PREFIX}REDIS_URL is not set (a redis:// URL)")
+        return self.redis_url
+
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 driver named, for SQLAlchemy and Alembic."""
+        url = self.require_database_url()
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    known = {_env_name(f) for f in Settings.model_fields} | _NOT_SETTINGS
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate settings from ``environ`` (default: ``os.environ``).
+
+    ``overrides`` (field names) win over the environment; tests and the demo use them.
+    Raises SettingsError naming each offending variable.
+    """
+    env = dict(os.environ if environ is None else environ)
+    problems: list[str] = []
+    for name in _unknown_variables(env):
+        close = difflib.get_close_matches(name, [_env_name(f) for f in Settings.model_fields], 1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{name}: unknown setting{hint}")
+
+    values: dict[str, Any] = {
+        f: env[_env_name(f)] for f in Settings.model_fields if _env_name(f) in env
+    }
+    values.update(overrides)
+    settings: Settings | None = None
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{_env_name(loc)}: {msg}" if loc else msg)
+    if problems:
+        raise SettingsError("invalid afterwrite settings:\n  " + "\n  ".join(problems))
+    assert settings is not None
+    return settings

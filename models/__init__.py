@@ -1,0 +1,20 @@
+"""SQLAlchemy 2.0 models and the registry of record kinds.
+
+Importing this package registers the built-in kinds.
+"""
+
+from models.base import Base
+from models.dead_letter import DeadLetter
+from models.query_history import QueryHistory
+from models.registry import Kind, KindRegistry, UnknownKindError, kinds, register_kind
+
+__all__ = [
+    "Base",
+    "DeadLetter",
+    "Kind",
+    "KindRegistry",
+    "QueryHistory",
+    "UnknownKindError",
+    "kinds",
+    "register_kind",
+]

@@ -1,0 +1,70 @@
+"""The ``record_*`` methods, written once for the sync and the asyncio client.
+
+Each method builds the payload (pure) and hands it to ``_record``, which the concrete client
+implements: the sync client returns a :class:`Receipt`, the asyncio client a coroutine of one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from afterwrite.ids import uuid7_str
+from models.registry import kinds
+from producer.records import query_record
+
+R = TypeVar("R")
+
+
+class RecordMethods(ABC, Generic[R]):
+    @abstractmethod
+    def _record(self, kind: str, record: dict[str, Any]) -> R: ...
+
+    def record_query(
+        self,
+        query: str,
+        *,
+        response: str | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        mode: str | None = None,
+        model_ids: Sequence[str] | None = None,
+        response_time_ms: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        retrieval: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        created_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> R:
+        """Record one LLM request (kind ``query``). The result is (or resolves to) a Receipt:
+        the event id string, with ``.outcome``. Never raises for Redis trouble."""
+        record = query_record(
+            query,
+            event_id=event_id,
+            response=response,
+            user_id=user_id,
+            session_id=session_id,
+            mode=mode,
+            model_ids=model_ids,
+            response_time_ms=response_time_ms,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            retrieval=retrieval,
+            metadata=metadata,
+            created_at=created_at,
+        )
+        return self._record("query", record)
+
+    def record(self, kind: str, payload: Mapping[str, Any]) -> R:
+        """Record one entry of a registered kind; ``payload`` maps column names to values.
+
+        An ``id`` (UUIDv7) is added when the payload has none. Raises UnknownKindError for a
+        kind that is not registered: a programming error, caught in the first test run.
+        """
+        kinds.get(kind)
+        record = dict(payload)
+        record.setdefault("id", uuid7_str())
+        return self._record(kind, record)

@@ -1,0 +1,114 @@
+"""Real services for every test layer.
+
+The tests use, in order: ``AFTERWRITE_TEST_DATABASE_URL`` / ``AFTERWRITE_TEST_REDIS_URL`` when
+set; else PostgreSQL and Redis on their usual local ports when reachable; else private
+instances started under a temporary directory (system binaries, or the ``embedded`` extra).
+On PostgreSQL a fresh database ``afterwrite_test`` is created and migrated for the session;
+each test starts with empty tables and an empty Redis database.
+``AFTERWRITE_*`` variables of the developer's shell are ignored: tests never touch a
+configured deployment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from afterwrite.services import Endpoints, PrivateServices, ensure_database, local_endpoints
+from afterwrite.settings import Settings, load_settings
+from models.registry import kinds
+
+TEST_DATABASE = "afterwrite_test"
+TEST_REDIS_DB = 9
+
+
+def _with_db(url: str, db: int) -> str:
+    base = url.split("?", 1)[0].rstrip("/")
+    scheme, rest = base.split("://", 1)
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{db}"
+
+
+@pytest.fixture(scope="session")
+def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
+    admin_url = os.environ.get("AFTERWRITE_TEST_DATABASE_URL")
+    redis_url = os.environ.get("AFTERWRITE_TEST_REDIS_URL")
+    if admin_url is None or redis_url is None:
+        local_pg, local_redis = local_endpoints()
+        admin_url = admin_url or local_pg
+        redis_url = redis_url or local_redis
+    private: PrivateServices | None = None
+    if admin_url is None or redis_url is None:
+        private = PrivateServices(
+            Path(tmp_path_factory.mktemp("services")),
+            postgres=admin_url is None,
+            redis=redis_url is None,
+        )
+        started = private.start()
+        admin_url = admin_url or started.database_url
+        redis_url = redis_url or started.redis_url
+    assert admin_url is not None
+    assert redis_url is not None
+    database_url = ensure_database(admin_url, TEST_DATABASE, recreate=True)
+    import migrations
+
+    migrations.upgrade("postgresql+psycopg://" + database_url.split("://", 1)[1])
+    try:
+        yield Endpoints(database_url, _with_db(redis_url, TEST_REDIS_DB))
+    finally:
+        if private is not None:
+            private.stop()
+
+
+@pytest.fixture(scope="session")
+def base_env(endpoints: Endpoints) -> dict[str, str]:
+    """Environment for afterwrite processes under test (no variables from the developer)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERWRITE_")}
+    env["AFTERWRITE_DATABASE_URL"] = endpoints.database_url
+    env["AFTERWRITE_REDIS_URL"] = endpoints.redis_url
+    return env
+
+
+@pytest.fixture
+def settings(endpoints: Endpoints) -> Settings:
+    return load_settings({}, database_url=endpoints.database_url, redis_url=endpoints.redis_url)
+
+
+@pytest.fixture
+def rdb(endpoints: Endpoints) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(endpoints.redis_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def pg(endpoints: Endpoints) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(endpoints.database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(autouse=True)
+def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Empty tables and Redis before and after each test that uses the services."""
+    if "endpoints" not in request.fixturenames:
+        yield
+        return
+    endpoints: Endpoints = request.getfixturevalue("endpoints")
+    _clean(endpoints)
+    yield
+    _clean(endpoints)
+
+
+def _clean(endpoints: Endpoints) -> None:
+    r = redis.Redis.from_url(endpoints.redis_url)
+    r.flushdb()
+    r.close()
+    tables = ", ".join(f'"{k.table.name}"' for k in kinds)
+    with psycopg.connect(endpoints.database_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {tables}, dead_letters")

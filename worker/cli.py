@@ -1,0 +1,178 @@
+"""The ``afterwrite`` command line. Thin: parse, load settings, call the module that does it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from afterwrite.settings import Settings, SettingsError, load_settings
+
+console = Console()
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"afterwrite: {message}", err=True)
+    sys.exit(code)
+
+
+def _celery(argv: list[str]) -> None:
+    """Run a celery sub-command in this process with the afterwrite app."""
+    from worker.app import app
+
+    app.start(argv=argv)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="afterwrite")
+def main() -> None:
+    """afterwrite: write-behind persistence for AI backends.
+
+    Redis Streams → Celery → PostgreSQL.
+    """
+    level = os.environ.get("AFTERWRITE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("afterwrite").setLevel(level)
+
+
+@main.command()
+@click.option("--revision", default="head", show_default=True, help="Alembic revision.")
+def migrate(revision: str) -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    import migrations
+
+    settings = _settings()
+    try:
+        migrations.upgrade(settings.sqlalchemy_url(), revision)
+    except SettingsError as exc:
+        _fail(str(exc))
+    click.echo(f"database at revision {revision}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-c", "--concurrency", type=int, default=None, help="Worker processes.")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None) -> None:
+    """Start a Celery worker that drains the streams (extra args go to celery worker)."""
+    settings = _settings()
+    settings.require_database_url()
+    argv = ["worker", "--loglevel", settings.log_level]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    _celery(argv + list(ctx.args))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def beat(ctx: click.Context) -> None:
+    """Start Celery beat, which kicks drains and reclaims on schedule."""
+    settings = _settings()
+    _celery(["beat", "--loglevel", settings.log_level, *ctx.args])
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option(
+    "--unauthenticated",
+    is_flag=True,
+    help="Run without authentication (local development only).",
+)
+@click.pass_context
+def flower(ctx: click.Context, unauthenticated: bool) -> None:
+    """Start Flower with HTTP basic authentication (AFTERWRITE_FLOWER_USER/PASSWORD)."""
+    settings = _settings()
+    argv = ["flower", f"--port={settings.flower_port}"]
+    if settings.flower_user and settings.flower_password:
+        # Through the environment, not argv: argv is visible to every user in `ps`.
+        secret = settings.flower_password.get_secret_value()
+        os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{secret}"
+    elif not (unauthenticated or settings.flower_unauthenticated):
+        _fail(
+            "Flower needs credentials: set AFTERWRITE_FLOWER_USER and "
+            "AFTERWRITE_FLOWER_PASSWORD, or pass --unauthenticated for local development"
+        )
+    _celery(argv + list(ctx.args))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Backlog per stream, rows per table, dead letters."""
+    from worker.status import collect
+
+    try:
+        report = collect(_settings())
+    except SettingsError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    streams = Table(title="streams")
+    for col in ("kind", "length", "pending", "consumers", "oldest entry age"):
+        streams.add_column(col, justify="right" if col != "kind" else "left")
+    for s in report.streams:
+        age = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
+        streams.add_row(s.kind, str(s.length), str(s.pending), str(s.consumers), age)
+    tables = Table(title="tables")
+    tables.add_column("kind")
+    tables.add_column("table")
+    tables.add_column("rows", justify="right")
+    for t in report.tables:
+        tables.add_row(t.kind, t.table, f"{'~' if t.estimated else ''}{t.rows:,}")
+    dead = Table(title="dead letters")
+    dead.add_column("kind")
+    dead.add_column("reason")
+    dead.add_column("count", justify="right")
+    for kind, reasons in report.dead_letters.items():
+        for reason, n in reasons.items():
+            dead.add_row(kind, reason, f"{n:,}")
+    console.print(streams, tables, dead)
+
+
+@main.command()
+@click.option("--records", default=20_000, show_default=True, help="Query records to send.")
+@click.option("--rate", default=0.0, help="Records per second (0: as fast as possible).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where private PostgreSQL/Redis live (default: AFTERWRITE_DATA_DIR).",
+)
+def demo(records: int, rate: float, data_dir: Path | None) -> None:
+    """Run the whole pipeline on realistic LLM query traffic and show it landing."""
+    from worker.demo import run_demo
+
+    settings = _settings()
+    sys.exit(run_demo(settings, records=records, rate=rate, data_dir=data_dir, console=console))
+
+
+@main.command()
+@click.option("--entries", default=200_000, show_default=True, help="Backlog size to drain.")
+@click.option("--calls", default=20_000, show_default=True, help="record_query calls to time.")
+@click.option("--baseline/--no-baseline", default=True, help="Run the celery-batches baseline.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(entries: int, calls: int, baseline: bool, as_json: bool) -> None:
+    """Measure hot-path latency and drain throughput against their ceilings."""
+    from worker.bench import run_bench
+
+    settings = _settings()
+    result = run_bench(settings, entries=entries, calls=calls, baseline=baseline, console=console)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""``afterwrite demo``: the whole pipeline on realistic traffic, on whatever this machine has.
+
+Services: the configured URLs if set; else PostgreSQL/Redis on their usual local ports; else
+private instances under the data directory (stopped at the end). Then: migrate, start a Celery
+worker and beat, record query history at full speed (or ``--rate``) with a live view of rows
+persisted, ingest rate and lag, wait for the last row, print a summary, stop what it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import migrations
+from afterwrite import wire
+from afterwrite.services import PrivateServices, ensure_database, local_endpoints
+from afterwrite.settings import Settings
+from producer import Client, Outcome
+from worker import processes, traffic
+
+DEMO_DATABASE = "afterwrite_demo"
+DEMO_STREAM_PREFIX = "afterwrite-demo"
+
+
+@dataclass(frozen=True)
+class DemoEndpoints:
+    database_url: str
+    redis_url: str
+    where: str
+
+
+@contextlib.contextmanager
+def demo_endpoints(settings: Settings, data_dir: Path, console: Console) -> Iterator[DemoEndpoints]:
+    if settings.database_url and settings.redis_url:
+        yield DemoEndpoints(settings.require_database_url(), settings.redis_url, "configured")
+        return
+    admin, local_redis = local_endpoints()
+    db_url = settings.database_url and settings.require_database_url()
+    redis_url = settings.redis_url or local_redis
+    need_pg = db_url is None and admin is None
+    private = None
+    if need_pg or redis_url is None:
+        console.print(f"[dim]starting private services under {data_dir}[/dim]")
+        private = PrivateServices(
+            data_dir, postgres=need_pg, redis=redis_url is None, log=console.print
+        )
+        started = private.start()
+        admin = admin if not need_pg else started.database_url
+        redis_url = redis_url or started.redis_url
+    try:
+        if db_url is None:
+            assert admin is not None
+            db_url = ensure_database(admin, DEMO_DATABASE)
+        assert redis_url is not None
+        where = "private" if private is not None else "local"
+        yield DemoEndpoints(db_url, redis_url, where)
+    finally:
+        if private is not None:
+            private.stop()
+
+
+def _count_rows(conn: psycopg.Connection[Any], since: float) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM query_history WHERE ingested_at >= to_timestamp(%s)", (since,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    records: int,
+    rate: float,
+    data_dir: Path | None,
+    console: Console,
+) -> int:
+    data_dir = (data_dir or settings.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with demo_endpoints(settings, data_dir, console) as ep:
+        console.print(f"PostgreSQL: {_safe(ep.database_url)}  Redis: {_safe(ep.redis_url)}")
+        demo_settings = settings.model_copy(
+            update={
+                "database_url": ep.database_url,
+                "redis_url": ep.redis_url,
+                "stream_prefix": settings.stream_prefix
+                if ep.where == "configured"
+                else DEMO_STREAM_PREFIX,
+            }
+        )
+        migrations.upgrade(demo_settings.sqlalchemy_url())
+        console.print("schema migrated")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERWRITE_")}
+        env.update(
+            AFTERWRITE_DATABASE_URL=ep.database_url,
+            AFTERWRITE_REDIS_URL=ep.redis_url,
+            AFTERWRITE_STREAM_PREFIX=demo_settings.stream_prefix,
+        )
+        logs = data_dir / "logs"
+        started = [processes.start_worker(env, logs), processes.start_beat(env, logs)]
+        try:
+            return _traffic(demo_settings, records, rate, console, started)
+        finally:
+            for p in started:
+                p.stop()
+            console.print(f"worker and beat stopped (logs in {logs})")
+
+
+def _traffic(
+    settings: Settings,
+    records: int,
+    rate: float,
+    console: Console,
+    started: list[processes.Process],
+) -> int:
+    client = Client.from_env(settings)
+    r = redis.Redis.from_url(settings.require_redis_url())
+    stream = wire.stream_key(settings.stream_prefix, "query")
+    t0 = time.time()
+    latencies_us: list[float] = []
+    failed = 0
+    with (
+        psycopg.connect(settings.require_database_url(), autocommit=True) as conn,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
+        sent_task = progress.add_task("recorded ", total=records, info="")
+        rows_task = progress.add_task("persisted", total=records, info="")
+        next_poll = 0.0
+        for i, kwargs in enumerate(traffic.queries(records, seed=int(t0))):
+            if rate > 0:
+                time.sleep(max(0.0, t0 + i / rate - time.time()))
+            start = time.perf_counter_ns()
+            receipt = client.record_query(**kwargs)
+            latencies_us.append((time.perf_counter_ns() - start) / 1000)
+            failed += receipt.outcome is not Outcome.SENT
+            progress.advance(sent_task)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + 0.5
+                _update(progress, rows_task, conn, r, stream, t0)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = _update(progress, rows_task, conn, r, stream, t0)
+            if done >= records - failed:
+                break
+            if not all(p.alive() for p in started):
+                console.print("[red]a worker process exited:[/red]")
+                for p in started:
+                    console.print(p.tail())
+                return 1
+            time.sleep(0.25)
+        elapsed = time.time() - t0
+        persisted = _count_rows(conn, t0 - 1)
+        lag = conn.execute(
+            "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP "
+            "(ORDER BY extract(epoch FROM ingested_at - created_at)) "
+            "FROM query_history WHERE ingested_at >= to_timestamp(%s)",
+            (t0 - 1,),
+        ).fetchone()
+    client.close()
+    r.close()
+    summary = Table(title="afterwrite demo", show_header=False)
+    summary.add_row("records sent", f"{records - failed:,} (failed: {failed})")
+    summary.add_row("rows persisted", f"{persisted:,}")
+    summary.add_row("wall time", f"{elapsed:.1f} s")
+    summary.add_row("end-to-end rate", f"{persisted / elapsed:,.0f} rows/s")
+    latencies_us.sort()
+    summary.add_row(
+        "record_query p50 / p99",
+        f"{statistics.median(latencies_us):.0f} / "
+        f"{latencies_us[int(len(latencies_us) * 0.99) - 1]:.0f} µs",
+    )
+    if lag and lag[0] and lag[0][0] is not None:
+        summary.add_row("write-behind lag p50 / p99", f"{lag[0][0]:.2f} / {lag[0][1]:.2f} s")
+    console.print(summary)
+    if persisted < records - failed:
+        console.print(f"[red]{records - failed - persisted:,} records did not arrive[/red]")
+        return 1
+    return 0
+
+
+def _update(
+    progress: Progress,
+    task: Any,
+    conn: psycopg.Connection[Any],
+    r: redis.Redis,
+    stream: str,
+    t0: float,
+) -> int:
+    done = _count_rows(conn, t0 - 1)
+    backlog = int(r.xlen(stream))
+    elapsed = max(time.time() - t0, 1e-6)
+    progress.update(
+        task,
+        completed=done,
+        info=f"{done / elapsed:,.0f} rows/s  backlog {backlog:,}",
+    )
+    return done
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for printing."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}" if ":" not in creds else f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,105 @@
+"""Per-process state of a worker: settings, connections and one drain per kind.
+
+One explicit object instead of module globals. It is built on first use inside the process
+that uses it and dropped in a forked child, so no socket is ever shared across a fork
+(Celery's prefork pool forks after importing the app).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import redis
+
+from afterwrite import wire
+from afterwrite.settings import Settings, load_settings
+from models.registry import kinds
+from worker.backoff import compute_backoff_s
+from worker.database import Database
+from worker.drain import KindDrain
+from worker.streams import Stream
+
+
+def consumer_name() -> str:
+    """This process's consumer name in every stream's group: unique per live process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_redis(url: str) -> redis.Redis:
+    # Generous timeouts: a worker may wait; a request handler may not (see producer.client).
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = worker_redis(settings.require_redis_url())
+        self.db = Database(
+            settings.require_database_url(),
+            statement_timeout_s=settings.batch_timeout_s,
+            application_name=f"afterwrite-worker:{os.getpid()}",
+        )
+        self._drains: dict[str, KindDrain] = {}
+        self._backoff = _Backoff()
+
+    def drain(self, kind_name: str) -> KindDrain:
+        drain = self._drains.get(kind_name)
+        if drain is None:
+            kind = kinds.get(kind_name)
+            stream = Stream(
+                self.redis,
+                wire.stream_key(self.settings.stream_prefix, kind.name),
+                self.settings.consumer_group,
+                consumer_name(),
+            )
+            stream.ensure_group()
+            drain = KindDrain(kind, stream, self.db, self.settings)
+            self._drains[kind_name] = drain
+        return drain
+
+    # A failing service (PostgreSQL or Redis down) is retried after a growing, jittered pause;
+    # kicks arriving meanwhile return at once instead of hammering it.
+    def backing_off(self) -> float:
+        return max(0.0, self._backoff.until - time.monotonic())
+
+    def failed(self) -> float:
+        self._backoff.failures += 1
+        delay = compute_backoff_s(self._backoff.failures)
+        self._backoff.until = time.monotonic() + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self._backoff = _Backoff()
+
+    def close(self) -> None:
+        self.db.close()
+        self.redis.close()
+
+
+class RuntimeHolder:
+    """Builds the Runtime lazily; forgets it in forked children."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._runtime: Runtime | None = None
+        self._pid = os.getpid()
+
+    def get(self) -> Runtime:
+        if self._runtime is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._runtime = Runtime(self._settings or load_settings())
+        return self._runtime
+
+    def reset(self) -> None:
+        if self._runtime is not None and self._pid == os.getpid():
+            self._runtime.close()
+        self._runtime = None

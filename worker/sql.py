@@ -1,0 +1,69 @@
+"""The SQL a drain runs for one kind, built once from the registry (never from input).
+
+Identifiers are quoted with ``psycopg.sql.Identifier``; nothing here interpolates values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+from sqlalchemy import Column, Table
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.elements import TextClause
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class KindSql:
+    create_staging: sql.Composed
+    """A temporary staging table with the target's column types, emptied at every commit."""
+    copy: sql.Composed
+    """``COPY staging (columns) FROM STDIN`` (text format)."""
+    insert: sql.Composed
+    """Move staged rows into the target; rows whose id exists already are skipped."""
+    clear_staging: sql.Composed
+
+
+def _default_sql(column: Column[object]) -> sql.Composable | None:
+    default = column.server_default
+    if default is None:
+        return None
+    arg = getattr(default, "arg", None)
+    if isinstance(arg, str):
+        return sql.Literal(arg)
+    if isinstance(arg, TextClause):
+        return sql.SQL(arg.text)  # from the model's own source, not input
+    if arg is not None:
+        return sql.SQL(str(arg.compile(dialect=_DIALECT)))
+    return None
+
+
+def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
+    target = sql.Identifier(table.name)
+    staging = sql.Identifier(f"_afterwrite_stage_{table.name}")
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    # Columns with a server default take it when the record left them out (sent as NULL).
+    selected: list[sql.Composable] = []
+    for name in columns:
+        default = _default_sql(table.c[name])
+        ident = sql.Identifier(name)
+        if default is None:
+            selected.append(ident)
+        else:
+            selected.append(sql.SQL("COALESCE({}, {})").format(ident, default))
+    return KindSql(
+        create_staging=sql.SQL(
+            # CREATE TABLE AS copies column types but no NOT NULL constraints: a record may
+            # leave out a column that has a server default, which the INSERT then applies.
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS "
+            "AS SELECT {cols} FROM {target} WITH NO DATA"
+        ).format(staging=staging, target=target, cols=cols),
+        copy=sql.SQL("COPY {staging} ({cols}) FROM STDIN").format(staging=staging, cols=cols),
+        insert=sql.SQL(
+            "INSERT INTO {target} ({cols}) SELECT {selected} FROM {staging} "
+            "ON CONFLICT (id) DO NOTHING"
+        ).format(target=target, cols=cols, selected=sql.SQL(", ").join(selected), staging=staging),
+        clear_staging=sql.SQL("TRUNCATE {staging}").format(staging=staging),
+    )

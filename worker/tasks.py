@@ -1,0 +1,82 @@
+"""Celery tasks. Thin: find the process's runtime, take a drainer slot, call the drain.
+
+Every task returns a small JSON dict of what it did (kind, entries, rows, dead letters,
+duration, lag), which Flower shows with the task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from worker import slots
+from worker.app import DRAIN_TASK, RECLAIM_TASK, app
+from worker.errors import Failure, classify
+from worker.runtime import Runtime
+
+log = logging.getLogger("afterwrite.tasks")
+
+
+def _runtime() -> Runtime:
+    holder = app.afterwrite
+    runtime: Runtime = holder.get()
+    return runtime
+
+
+def _guarded(kind: str, action: str, work: Callable[[Runtime], dict[str, Any]]) -> dict[str, Any]:
+    rt = _runtime()
+    wait_s = rt.backing_off()
+    if wait_s > 0:
+        return {"kind": kind, "skipped": f"backing off {wait_s:.1f}s after a failure"}
+    try:
+        result: dict[str, Any] = work(rt)
+    except Exception as exc:
+        failure = classify(exc)
+        if failure is not Failure.TRANSIENT:
+            log.error(
+                "%s of %s failed (%s): %s",
+                action,
+                kind,
+                failure.value,
+                exc,
+                extra={"action": action, "kind": kind, "failure": failure.value},
+            )
+            raise
+        delay = rt.failed()
+        log.warning(
+            "%s of %s failed (%s: %s); entries stay pending; retrying in %.1fs",
+            action,
+            kind,
+            type(exc).__name__,
+            exc,
+            delay,
+            extra={"action": action, "kind": kind, "failure": "transient"},
+        )
+        return {"kind": kind, "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}
+    rt.succeeded()
+    return result
+
+
+@app.task(name=DRAIN_TASK)
+def drain(kind: str) -> dict[str, Any]:
+    """Drain ``kind``'s stream until caught up or out of budget (at most N drainers/stream)."""
+
+    def work(rt: Runtime) -> dict[str, Any]:
+        s = rt.settings
+        ttl_ms = int((s.drain_budget_s + 2 * s.batch_timeout_s) * 1000)
+        slot = slots.acquire(
+            rt.redis, f"{s.stream_prefix}:drainers:{kind}", s.drainers_per_stream, ttl_ms
+        )
+        if slot is None:
+            return {"kind": kind, "skipped": "all drainer slots busy"}
+        with slot:
+            return rt.drain(kind).run(s.drain_budget_s).as_dict()
+
+    return _guarded(kind, "drain", work)
+
+
+@app.task(name=RECLAIM_TASK)
+def reclaim(kind: str) -> dict[str, Any]:
+    """Take over and store entries a dead consumer left pending."""
+    return _guarded(kind, "reclaim", lambda rt: rt.drain(kind).reclaim().as_dict())
