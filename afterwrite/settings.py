@@ -30,6 +30,7 @@ _NOT_SETTINGS = frozenset(
         "AFTERWRITE_REDIS_SERVER",  # afterwrite.services: which redis-server to run
         "AFTERWRITE_TEST_DATABASE_URL",  # tests: server to create test databases on
         "AFTERWRITE_TEST_REDIS_URL",  # tests: Redis to use (a database number is flushed)
+        "AFTERWRITE_TEST_SERVICES",  # tests: "private" starts private servers
     }
 )
 

@@ -2,7 +2,8 @@
 
 The tests use, in order: ``AFTERWRITE_TEST_DATABASE_URL`` / ``AFTERWRITE_TEST_REDIS_URL`` when
 set; else PostgreSQL and Redis on their usual local ports when reachable; else private
-instances started under a temporary directory (system binaries, or the ``embedded`` extra).
+instances started under a temporary directory (system binaries, or the ``embedded`` extra);
+``AFTERWRITE_TEST_SERVICES=private`` forces the latter, as on a fresh machine.
 On PostgreSQL a fresh database ``afterwrite_test`` is created and migrated for the session;
 each test starts with empty tables and an empty Redis database.
 ``AFTERWRITE_*`` variables of the developer's shell are ignored: tests never touch a
@@ -12,6 +13,8 @@ configured deployment.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,17 +39,23 @@ def _with_db(url: str, db: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
+def endpoints() -> Iterator[Endpoints]:
     admin_url = os.environ.get("AFTERWRITE_TEST_DATABASE_URL")
     redis_url = os.environ.get("AFTERWRITE_TEST_REDIS_URL")
-    if admin_url is None or redis_url is None:
+    if os.environ.get("AFTERWRITE_TEST_SERVICES") == "private":
+        pass  # what a fresh machine does: start our own, ignore local servers
+    elif admin_url is None or redis_url is None:
         local_pg, local_redis = local_endpoints()
         admin_url = admin_url or local_pg
         redis_url = redis_url or local_redis
     private: PrivateServices | None = None
     if admin_url is None or redis_url is None:
+        # Not pytest's tmp_path: as root its base is mode 0700, and a private PostgreSQL runs
+        # as an unprivileged user that must reach its data directory.
+        services_dir = Path(tempfile.mkdtemp(prefix="afterwrite-test-"))
+        services_dir.chmod(0o755)
         private = PrivateServices(
-            Path(tmp_path_factory.mktemp("services")),
+            services_dir,
             postgres=admin_url is None,
             redis=redis_url is None,
         )
@@ -64,6 +73,7 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
     finally:
         if private is not None:
             private.stop()
+            shutil.rmtree(services_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
