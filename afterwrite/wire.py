@@ -21,7 +21,7 @@ def _enc_hook(obj: Any) -> Any:
     for base in (str, int, float):
         if isinstance(obj, base):
             return base(obj)
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)

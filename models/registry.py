@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy import Table
-
-from models.base import Base
+from sqlalchemy.orm import DeclarativeBase
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
-M = TypeVar("M", bound=type[Base])
+M = TypeVar("M", bound=type[DeclarativeBase])
 
 
 class UnknownKindError(KeyError):
@@ -32,7 +31,7 @@ class UnknownKindError(KeyError):
 @dataclass(frozen=True)
 class Kind:
     name: str
-    model: type[Base]
+    model: type[DeclarativeBase]
     retention_days: int | None = None
 
     @property

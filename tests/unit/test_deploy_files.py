@@ -1,0 +1,319 @@
+"""The deploy files (docker-compose.yml, Procfile, Dockerfile) against the code they start.
+
+Nothing here runs Docker: the files are parsed and every command, module and setting they name
+is checked against the CLI, the importable modules, the settings and pyproject's extras, so a
+renamed command, a moved module or a typo in a variable fails here instead of at deploy time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+from fastapi import FastAPI
+
+from afterwrite.settings import load_settings
+from worker.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+PROCFILE = ROOT / "Procfile"
+DOCKERFILE = ROOT / "Dockerfile"
+PYPROJECT = ROOT / "pyproject.toml"
+
+# Procfile process -> compose service running the same command (default: the same name).
+PROCFILE_SERVICE = {"release": "migrate"}
+AFTERWRITE_SERVICES = ("migrate", "worker", "beat", "flower", "web")
+# ${VAR}, ${VAR:-default}, ${VAR:?error}, $VAR
+VARIABLE = re.compile(r"\$(?:\{(?P<braced>\w+)(?::?[-?][^}]*)?\}|(?P<bare>\w+))")
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services = _compose()["services"]
+    assert isinstance(services, dict)
+    return services
+
+
+def _procfile() -> dict[str, str]:
+    processes: dict[str, str] = {}
+    for line in PROCFILE.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, command = line.partition(":")
+        assert sep, f"Procfile line without 'name: command': {line!r}"
+        assert name.strip() not in processes, f"Procfile names {name.strip()!r} twice"
+        processes[name.strip()] = command.strip()
+    return processes
+
+
+def _argv(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+
+
+def _environment(service: Mapping[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _expand(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Expand $VAR / ${VAR} the way the Procfile's shell would, from a service's environment."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group("braced") or match.group("bare")
+        assert name in env, f"{name} is used but the compose service does not set it"
+        return env[name]
+
+    return [VARIABLE.sub(one, arg) for arg in argv]
+
+
+def _dockerfile_cmd() -> list[str]:
+    cmds = [
+        line.split(None, 1)[1]
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.upper().startswith("CMD ")
+    ]
+    assert cmds, "Dockerfile has no CMD"
+    cmd = json.loads(cmds[-1])  # exec form: no shell between the process and its signals
+    assert isinstance(cmd, list)
+    return [str(a) for a in cmd]
+
+
+def _all_commands() -> Iterator[tuple[str, list[str]]]:
+    """Commands run from the afterwrite image (compose services built here), the Procfile's
+    processes and the image's default."""
+    for name, service in _services().items():
+        if "build" in service:
+            yield f"compose service {name}", _argv(service["command"])
+    for name, command in _procfile().items():
+        yield f"Procfile process {name}", _argv(command)
+    yield "Dockerfile CMD", _dockerfile_cmd()
+
+
+def _module_references(argv: list[str]) -> Iterator[str]:
+    """Python targets a command names: ``celery -A X``, ``uvicorn/gunicorn mod:attr``,
+    ``python -m mod``."""
+    for i, arg in enumerate(argv):
+        prev = argv[i - 1] if i else ""
+        if prev in {"-A", "--app", "-m"}:
+            yield arg
+        elif arg.startswith(("-A=", "--app=")):
+            yield arg.split("=", 1)[1]
+        elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(\))?", arg):
+            yield arg
+
+
+def _resolve(reference: str) -> object:
+    module_name, _, attr = reference.partition(":")
+    module = importlib.import_module(module_name)
+    if not attr:
+        return module
+    target = getattr(module, attr.removesuffix("()"))
+    return target() if attr.endswith("()") else target
+
+
+def _requirement_names(extras: list[str]) -> set[str]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    reqs: list[str] = list(project["dependencies"])
+    optional = project.get("optional-dependencies", {})
+    for extra in extras:
+        assert extra in optional, f"the Dockerfile installs extra [{extra}], pyproject has none"
+        reqs += optional[extra]
+    return {re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def _dockerfile_extras() -> list[str]:
+    match = re.search(r"pip install [\"']?\.(?:\[([\w,-]+)\])?[\"']?", DOCKERFILE.read_text())
+    assert match, "the Dockerfile does not pip install the project (pip install .)"
+    return match.group(1).split(",") if match.group(1) else []
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def test_every_procfile_process_runs_the_same_command_as_its_compose_service() -> None:
+    services = _services()
+    processes = _procfile()
+    assert {"web", "worker", "beat", "flower", "release"} <= processes.keys()
+    for name, command in processes.items():
+        service_name = PROCFILE_SERVICE.get(name, name)
+        assert service_name in services, f"Procfile {name!r} has no compose service"
+        service = services[service_name]
+        expected = _expand(_argv(command), _environment(service))
+        assert _argv(service["command"]) == expected, f"Procfile {name!r} != {service_name!r}"
+
+
+def test_every_afterwrite_subcommand_exists_in_the_cli() -> None:
+    assert isinstance(main, click.Group)
+    used = 0
+    for where, argv in _all_commands():
+        if argv and argv[0] == "afterwrite":
+            assert len(argv) > 1, f"{where}: bare 'afterwrite'"
+            assert argv[1] in main.commands, f"{where}: no CLI command 'afterwrite {argv[1]}'"
+            used += 1
+    assert used >= 5
+
+
+def test_cli_options_used_in_the_files_exist() -> None:
+    """Options given to afterwrite's own commands (not passed through to celery) must exist."""
+    for where, argv in _all_commands():
+        if argv[:1] != ["afterwrite"] or len(argv) < 3:
+            continue
+        command = main.commands[argv[1]]
+        known = {opt for p in command.params for opt in getattr(p, "opts", [])}
+        passes_through = bool(command.context_settings.get("ignore_unknown_options"))
+        for arg in argv[2:]:
+            if arg.startswith("-") and not passes_through:
+                assert arg.split("=", 1)[0] in known, f"{where}: unknown option {arg}"
+
+
+def test_the_image_runs_a_worker_by_default() -> None:
+    assert _dockerfile_cmd() == ["afterwrite", "worker"]
+
+
+def test_module_references_import() -> None:
+    references = [ref for _, argv in _all_commands() for ref in _module_references(argv)]
+    assert references, "expected at least the web app's module reference"
+    for reference in references:
+        _resolve(reference)  # ImportError / AttributeError fail the test
+
+
+def test_web_app_module_exposes_an_asgi_app() -> None:
+    argv = _argv(_services()["web"]["command"])
+    assert argv[0] == "uvicorn"
+    (reference,) = list(_module_references(argv))
+    assert isinstance(_resolve(reference), FastAPI)
+
+
+def test_the_image_installs_what_every_command_runs() -> None:
+    """`uvicorn` (or any other program a service starts) must come from what the Dockerfile
+    installs: the project's dependencies plus the extras it names."""
+    names = _requirement_names(_dockerfile_extras()) | {"afterwrite"}
+    for where, argv in _all_commands():
+        assert argv[0] in names, f"{where}: {argv[0]!r} is not installed by the Dockerfile"
+
+
+def test_the_dockerfile_copies_every_module_the_commands_import() -> None:
+    text = DOCKERFILE.read_text()
+    for _, argv in _all_commands():
+        for reference in _module_references(argv):
+            top = reference.split(".", 1)[0].split(":", 1)[0]
+            assert re.search(rf"^COPY .*\b{top}\b", text, re.M), f"Dockerfile never copies {top}"
+
+
+# --- compose wiring ---------------------------------------------------------------------------
+
+
+def test_services_built_from_the_image_are_the_expected_ones() -> None:
+    built = {name for name, service in _services().items() if "build" in service}
+    assert built == set(AFTERWRITE_SERVICES)
+    for name in AFTERWRITE_SERVICES:
+        assert "command" in _services()[name], f"{name} relies on the image's default command"
+
+
+def test_afterwrite_services_share_the_environment_and_it_is_valid() -> None:
+    shared = _compose()["x-afterwrite-env"]
+    assert shared["AFTERWRITE_DATABASE_URL"] == (
+        "postgresql://afterwrite:afterwrite@postgres:5432/afterwrite"
+    )
+    assert shared["AFTERWRITE_REDIS_URL"] == "redis://redis:6379/0"
+    services = _services()
+    for name in AFTERWRITE_SERVICES:
+        env = _environment(services[name])
+        for key, value in shared.items():
+            assert env.get(key) == value, f"{name}: {key} differs from x-afterwrite-env"
+        # Interpolate compose variables with a stand-in, then validate like the process will:
+        # an unknown AFTERWRITE_* name (a typo) or a bad value fails here.
+        concrete = {k: VARIABLE.sub("x", v) for k, v in env.items()}
+        load_settings(concrete)
+
+
+def test_redis_keeps_unconsumed_entries() -> None:
+    redis = _services()["redis"]
+    argv = _argv(redis["command"])
+    assert argv[0] == "redis-server"
+    pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert pairs.get("--appendonly") == "yes"
+    assert pairs.get("--maxmemory-policy") == "noeviction"
+    assert "redis-cli" in _argv(redis["healthcheck"]["test"])
+    assert "ping" in _argv(redis["healthcheck"]["test"])
+
+
+def test_postgres_has_a_readiness_check_and_volumes_persist() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert "pg_isready" in " ".join(_argv(services["postgres"]["healthcheck"]["test"]))
+    declared = set(compose.get("volumes") or {})
+    for name in ("postgres", "redis"):
+        volumes = services[name].get("volumes") or []
+        named = {str(v).split(":", 1)[0] for v in volumes}
+        assert named & declared, f"{name} keeps its data in no named volume"
+
+
+def test_flower_refuses_to_start_without_a_password() -> None:
+    flower = _services()["flower"]
+    env = _environment(flower)
+    assert env["AFTERWRITE_FLOWER_PASSWORD"].startswith("${AFTERWRITE_FLOWER_PASSWORD:?")
+    assert env.get("AFTERWRITE_FLOWER_USER")
+    assert "AFTERWRITE_FLOWER_UNAUTHENTICATED" not in env
+    assert "--unauthenticated" not in _argv(flower["command"])
+    assert "--unauthenticated" not in _procfile()["flower"]
+    assert any("5555" in str(port) for port in flower.get("ports", []))
+
+
+def _depends_on(service: Mapping[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in deps.items()}
+
+
+@pytest.mark.parametrize("name", ["worker", "beat"])
+def test_worker_and_beat_start_after_the_schema_exists(name: str) -> None:
+    deps = _depends_on(_services()[name])
+    assert deps.get("migrate") == "service_completed_successfully"
+    assert deps.get("redis") == "service_healthy"
+
+
+def test_migrate_runs_once_after_postgres_is_ready() -> None:
+    migrate = _services()["migrate"]
+    assert _argv(migrate["command"]) == ["afterwrite", "migrate"]
+    assert _depends_on(migrate).get("postgres") == "service_healthy"
+    assert migrate.get("restart") in {"no", None}
+
+
+def test_the_web_app_publishes_port_8000() -> None:
+    web = _services()["web"]
+    assert any(str(port).endswith("8000:8000") for port in web.get("ports", []))
+
+
+# --- image ------------------------------------------------------------------------------------
+
+
+def test_the_image_runs_as_a_non_root_user() -> None:
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    froms = [line for line in lines if line.upper().startswith("FROM ")]
+    assert froms == ["FROM python:3.11-slim"]
+    users = [line.split(None, 1)[1] for line in lines if line.upper().startswith("USER ")]
+    assert users, "the Dockerfile never switches to a non-root USER"
+    user = users[-1].split(":", 1)[0]
+    assert user not in {"root", "0"}
+    cmd_at = max(i for i, line in enumerate(lines) if line.upper().startswith("CMD "))
+    user_at = max(i for i, line in enumerate(lines) if line.upper().startswith("USER "))
+    assert user_at < cmd_at
