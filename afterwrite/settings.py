@@ -72,6 +72,52 @@ class Settings(BaseSettings):
     """Socket timeout of one producer call to Redis: the most a ``record_*`` call can block."""
     producer_cap_check_interval_s: PositiveFloat = 1.0
     """How often a producer re-reads the stream length to enforce ``stream_max_entries``."""
+    producer_mode: str = "direct"
+    """``direct``: each ``record_*`` call XADDs itself (bounded by ``producer_timeout_ms``).
+    ``background``: calls append to an in-process buffer (microseconds) and a flusher thread
+    sends batches; a process killed with SIGKILL loses what was still buffered."""
+    producer_buffer_max_entries: Annotated[int, Field(gt=0, le=10_000_000)] = 10_000
+    """Background mode: entries handed in but not yet sent or spilled. A call finding the buffer
+    full spills its entry to disk itself instead of waiting."""
+    producer_flush_interval_ms: Annotated[float, Field(gt=0, le=60_000)] = 20.0
+    """Background mode: the longest an entry waits in the buffer before its batch is sent."""
+    producer_flush_max_entries: Annotated[int, Field(gt=0, le=10_000)] = 500
+    """Background mode: entries per batch (one round trip per stream); also the replay chunk."""
+    producer_exit_flush_timeout_s: Annotated[float, Field(ge=0, le=300)] = 2.0
+    """At exit and in ``close()``: how long to try sending buffered entries before spilling
+    the rest to disk."""
+    spill_dir: Path | None = None
+    """Spill journal directory (default ``<data_dir>/spill``). Entries Redis could not take wait
+    here and are replayed when it is back, also by a later process using the same directory."""
+    spill_max_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024
+    """Most disk the spill journal (all processes sharing ``spill_dir``) may use. When full,
+    new entries are dropped and counted; ones already spilled are kept. 0 disables spilling."""
+    spill_replay_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    """How often a producer looks for spilled entries to replay (its own and other processes')."""
+
+    @field_validator("producer_mode")
+    @classmethod
+    def _check_producer_mode(cls, v: str) -> str:
+        if v not in {"direct", "background"}:
+            raise ValueError("must be 'direct' or 'background'")
+        return v
+
+    @model_validator(mode="after")
+    def _check_producer(self) -> Settings:
+        if self.producer_flush_max_entries > self.producer_buffer_max_entries:
+            raise ValueError(
+                "AFTERWRITE_PRODUCER_FLUSH_MAX_ENTRIES must not exceed "
+                "AFTERWRITE_PRODUCER_BUFFER_MAX_ENTRIES "
+                f"({self.producer_flush_max_entries} > {self.producer_buffer_max_entries})"
+            )
+        if 0 < self.spill_max_bytes < 1024 * 1024:
+            raise ValueError("AFTERWRITE_SPILL_MAX_BYTES must be 0 (no spilling) or at least 1 MiB")
+        return self
+
+    @property
+    def spill_path(self) -> Path:
+        """The spill journal directory: ``spill_dir``, else ``<data_dir>/spill``."""
+        return self.spill_dir if self.spill_dir is not None else self.data_dir / "spill"
 
     # --- drain ------------------------------------------------------------------------------
     batch_max_entries: Annotated[int, Field(gt=0, le=100_000)] = 5_000
@@ -89,6 +135,13 @@ class Settings(BaseSettings):
     reclaim_interval_s: PositiveFloat = 15.0
     max_deliveries: Annotated[int, Field(gt=0, le=1000)] = 5
     """An entry delivered more often than this is dead-lettered instead of retried."""
+    dlq_guard_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """A batch in which at least this share of entries is invalid is not dead-lettered: the
+    drain stops loudly instead, because that means a bad deploy, not bad data."""
+    dlq_guard_min_entries: PositiveInt = 100
+    """The guard only judges batches of at least this many entries."""
+    imports: tuple[str, ...] = ()
+    """Modules to import at start that register record kinds (comma-separated)."""
 
     # --- flower -----------------------------------------------------------------------------
     flower_user: str | None = None
@@ -121,6 +174,21 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {parts.scheme!r}")
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("has no host")
+        return v
+
+    @field_validator("imports", mode="before")
+    @classmethod
+    def _split_imports(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(m.strip() for m in v.split(",") if m.strip())
+        return v
+
+    @field_validator("imports")
+    @classmethod
+    def _check_imports(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for module in v:
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise ValueError(f"{module!r} is not a module name")
         return v
 
     @field_validator("stream_prefix", "consumer_group")

@@ -8,10 +8,11 @@ Kind names and table names only ever come from here, never from input.
 
 from __future__ import annotations
 
+import importlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Table
 from sqlalchemy.orm import DeclarativeBase
@@ -28,11 +29,17 @@ class UnknownKindError(KeyError):
         return f"unknown record kind {self.args[0]!r}; registered: {', '.join(kinds.names())}"
 
 
+Validator = Callable[[dict[str, Any]], None]
+"""A kind's own rule on a decoded payload; raise ValueError (optionally with a ``code``
+attribute) to dead-letter the entry. Runs in the worker, after type checks."""
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
     model: type[DeclarativeBase]
     retention_days: int | None = None
+    validate: Validator | None = None
 
     @property
     def table(self) -> Table:
@@ -74,11 +81,27 @@ class KindRegistry:
 kinds = KindRegistry()
 
 
-def register_kind(name: str, *, retention_days: int | None = None) -> Callable[[M], M]:
+def register_kind(
+    name: str, *, retention_days: int | None = None, validate: Validator | None = None
+) -> Callable[[M], M]:
     """Class decorator: store records of kind ``name`` in this model's table."""
 
     def decorate(model: M) -> M:
-        kinds.register(Kind(name=name, model=model, retention_days=retention_days))
+        kinds.register(
+            Kind(name=name, model=model, retention_days=retention_days, validate=validate)
+        )
         return model
 
     return decorate
+
+
+def import_kind_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register an application's own kinds (``AFTERWRITE_IMPORTS``).
+
+    Raises ImportError naming the setting, so a typo stops the process at start.
+    """
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"AFTERWRITE_IMPORTS: cannot import {name!r}: {exc}") from exc

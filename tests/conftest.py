@@ -4,8 +4,9 @@ The tests use, in order: ``AFTERWRITE_TEST_DATABASE_URL`` / ``AFTERWRITE_TEST_RE
 set; else PostgreSQL and Redis on their usual local ports when reachable; else private
 instances started under a temporary directory (system binaries, or the ``embedded`` extra);
 ``AFTERWRITE_TEST_SERVICES=private`` forces the latter, as on a fresh machine.
-On PostgreSQL a fresh database ``afterwrite_test`` is created and migrated for the session;
-each test starts with empty tables and an empty Redis database.
+On PostgreSQL a fresh database ``afterwrite_test_<pid>`` is created and migrated for the
+session (dropped at its end); each test starts with empty tables and an empty Redis database
+(number 2-15, chosen by pid).
 ``AFTERWRITE_*`` variables of the developer's shell are ignored: tests never touch a
 configured deployment.
 """
@@ -27,8 +28,10 @@ from afterwrite.services import Endpoints, PrivateServices, ensure_database, loc
 from afterwrite.settings import Settings, load_settings
 from models.registry import kinds
 
-TEST_DATABASE = "afterwrite_test"
-TEST_REDIS_DB = 9
+# Per test session, so that several sessions on one machine (developers, CI, helpers running
+# pytest at once) never flush or drop each other's state.
+TEST_DATABASE = f"afterwrite_test_{os.getpid()}"
+TEST_REDIS_DB = 2 + os.getpid() % 14
 
 
 def _with_db(url: str, db: int) -> str:
@@ -71,6 +74,7 @@ def endpoints() -> Iterator[Endpoints]:
     try:
         yield Endpoints(database_url, _with_db(redis_url, TEST_REDIS_DB))
     finally:
+        _drop(admin_url, TEST_DATABASE)
         if private is not None:
             private.stop()
             shutil.rmtree(services_dir, ignore_errors=True)
@@ -122,3 +126,8 @@ def _clean(endpoints: Endpoints) -> None:
     tables = ", ".join(f'"{k.table.name}"' for k in kinds)
     with psycopg.connect(endpoints.database_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {tables}, dead_letters")
+
+
+def _drop(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

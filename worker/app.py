@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from afterwrite.settings import Settings, load_settings
-from models.registry import kinds
+from models.registry import import_kind_modules, kinds
+from worker import shutdown
 from worker.runtime import RuntimeHolder
 
 DRAIN_TASK = "afterwrite.drain"
@@ -63,10 +64,32 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-app = Celery("afterwrite", include=["worker.tasks"])
+class AfterwriteCelery(Celery):  # type: ignore[misc]
+    def on_configure(self) -> None:
+        # A method, not the on_configure signal: Celery logs and swallows exceptions of signal
+        # receivers, and a worker with bad settings would then start on Celery's default
+        # broker (amqp://localhost). Raised here, SettingsError stops it, naming the variable.
+        settings = load_settings()
+        import_kind_modules(settings.imports)  # before the schedule lists every kind
+        self.conf.update(celery_config(settings))
+
+
+app = AfterwriteCelery("afterwrite", include=["worker.tasks"])
 app.afterwrite = RuntimeHolder()  # the process-local Runtime, see worker.runtime
 
 
-@app.on_configure.connect
-def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(load_settings()))
+@signals.worker_process_init.connect
+def _mark_pool_child(**_: Any) -> None:
+    # A prefork child: SIGTERM (forwarded by the parent, or sent to the whole group) is to
+    # finish the batch in flight, and a second one to abandon it. The handler is installed when
+    # the child runs its first task (worker.tasks), because billiard replaces SIGTERM handlers
+    # after this signal fires.
+    app.afterwrite.pool_child = True
+
+
+@signals.worker_shutting_down.connect
+def _stop_drains(**_: Any) -> None:
+    # The main process is shutting down warm: drains in this process (solo/threads pools) and
+    # in the pool's children stop after their current batch instead of using their budget.
+    app.afterwrite.request_shutdown()
+    shutdown.forward_to_children()

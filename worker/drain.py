@@ -25,6 +25,7 @@ from models.registry import Kind
 from worker.batch_writer import Rejection, write_batch
 from worker.database import Database
 from worker.dead_letters import DeadEntry
+from worker.errors import BadDeployError
 from worker.rows import Invalid, RowCodec
 from worker.sql import KindSql, kind_sql
 from worker.streams import Entry, Stream
@@ -99,6 +100,7 @@ class KindDrain:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.kind = kind
         self.stream = stream
@@ -109,6 +111,7 @@ class KindDrain:
         self._id_index = self.codec.columns.index("id")
         self._clock = clock
         self._wall = wall_clock
+        self._stopping = stopping
 
     # -- one batch --------------------------------------------------------------------------
     def process(self, entries: Sequence[Entry]) -> BatchReport:
@@ -135,6 +138,8 @@ class KindDrain:
                         f"(limit {self.settings.max_deliveries}); it may crash its consumer",
                     )
                 row = self.codec.row(payload)
+                if self.kind.validate is not None:
+                    self._run_validator(payload)
             except Invalid as exc:
                 dead.append(self._dead(entry, payload, exc.code, exc.detail, reason="invalid"))
                 continue
@@ -156,6 +161,8 @@ class KindDrain:
             seen[row_id] = entry.payload
             rows.append(row)
             row_entries.append(entry)
+
+        self._guard(len(entries), len(dead))
 
         def reject(rejections: Sequence[Rejection]) -> list[DeadEntry]:
             return [
@@ -211,7 +218,7 @@ class KindDrain:
         own = self.stream.read(n, own_pending=True)
         if own:
             report.add(self.process(own))
-        while True:
+        while not self._stopping():
             batch_started = self._clock()
             entries = self.stream.read(n)
             if not entries:
@@ -248,6 +255,8 @@ class KindDrain:
             if claimed:
                 report.add(self.process(claimed))
         for p in suspects:
+            if self._stopping():
+                break
             claimed = self.stream.claim([p], min_idle_ms)
             if claimed:
                 report.add(self.process(claimed))
@@ -255,6 +264,26 @@ class KindDrain:
         return report
 
     # -- helpers ----------------------------------------------------------------------------
+    def _run_validator(self, payload: dict[str, Any]) -> None:
+        assert self.kind.validate is not None
+        try:
+            self.kind.validate(payload)
+        except ValueError as exc:
+            raise Invalid(str(getattr(exc, "code", "rejected_by_validator")), str(exc)) from None
+
+    def _guard(self, entries: int, invalid: int) -> None:
+        """Arroyo's DlqLimit idea: when (nearly) every entry of a sizeable batch is invalid,
+        the producer or the schema is wrong (a bad deploy), and dead-lettering everything would
+        only hide it. Stop instead, committing and acknowledging nothing."""
+        s = self.settings
+        if entries >= s.dlq_guard_min_entries and invalid >= s.dlq_guard_ratio * entries:
+            raise BadDeployError(
+                f"{invalid} of {entries} entries of kind {self.kind.name!r} are invalid "
+                f"(guard: {s.dlq_guard_ratio:.0%} of batches >= {s.dlq_guard_min_entries}); "
+                "not dead-lettering them: check the producers' version and the schema. "
+                "Entries stay in the stream."
+            )
+
     def _dead(
         self, entry: Entry, payload: Any, code: str, detail: str, *, reason: str
     ) -> DeadEntry:

@@ -10,6 +10,10 @@ import redis
 from models.registry import UnknownKindError
 
 
+class BadDeployError(RuntimeError):
+    """Nearly a whole batch is invalid: a configuration problem, not poison data."""
+
+
 class Failure(enum.Enum):
     TRANSIENT = "transient"
     """The service is away or overloaded: leave entries unacknowledged, retry with backoff."""
@@ -29,7 +33,7 @@ _CONFIG_CLASSES = frozenset({"42", "3F", "28"})
 
 
 def classify(exc: BaseException) -> Failure:
-    if isinstance(exc, UnknownKindError):
+    if isinstance(exc, UnknownKindError | BadDeployError):
         return Failure.CONFIGURATION
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate or ""

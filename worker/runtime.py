@@ -7,6 +7,7 @@ that uses it and dropped in a forked child, so no socket is ever shared across a
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -20,7 +21,10 @@ from models.registry import kinds
 from worker.backoff import compute_backoff_s
 from worker.database import Database
 from worker.drain import KindDrain
+from worker.shutdown import Shutdown
 from worker.streams import Stream
+
+log = logging.getLogger("afterwrite.runtime")
 
 
 def consumer_name() -> str:
@@ -50,6 +54,7 @@ class Runtime:
         )
         self._drains: dict[str, KindDrain] = {}
         self._backoff = _Backoff()
+        self.shutdown = Shutdown()
 
     def drain(self, kind_name: str) -> KindDrain:
         drain = self._drains.get(kind_name)
@@ -62,7 +67,9 @@ class Runtime:
                 consumer_name(),
             )
             stream.ensure_group()
-            drain = KindDrain(kind, stream, self.db, self.settings)
+            drain = KindDrain(
+                kind, stream, self.db, self.settings, stopping=lambda: self.shutdown.requested
+            )
             self._drains[kind_name] = drain
         return drain
 
@@ -80,6 +87,27 @@ class Runtime:
     def succeeded(self) -> None:
         self._backoff = _Backoff()
 
+    def hand_back_inflight(self) -> None:
+        """Make every batch in flight reclaimable at once (called when abandoning it).
+
+        Runs from a signal handler, possibly while this process's Redis connection is in the
+        middle of a command, so it uses a connection of its own.
+        """
+        idle_ms = int(self.settings.reclaim_idle_s * 1000)
+        conn = worker_redis(self.settings.require_redis_url())
+        try:
+            for drain in self._drains.values():
+                s = drain.stream
+                handed = Stream(conn, s.key, s.group, s.consumer).hand_back(idle_ms)
+                log.warning(
+                    "handed back %d pending entries of %s",
+                    handed,
+                    s.key,
+                    extra={"action": "hand_back", "entries": handed},
+                )
+        finally:
+            conn.close()
+
     def close(self) -> None:
         self.db.close()
         self.redis.close()
@@ -92,12 +120,21 @@ class RuntimeHolder:
         self._settings = settings
         self._runtime: Runtime | None = None
         self._pid = os.getpid()
+        self.pool_child = False
+        """Set in Celery prefork children, where the runtime handles SIGTERM itself."""
 
     def get(self) -> Runtime:
         if self._runtime is None or self._pid != os.getpid():
             self._pid = os.getpid()
             self._runtime = Runtime(self._settings or load_settings())
+            if self.pool_child:
+                self._runtime.shutdown.install(self._runtime.hand_back_inflight)
         return self._runtime
+
+    def request_shutdown(self) -> None:
+        """Ask drains of this process to stop after their current batch (if any run here)."""
+        if self._runtime is not None and self._pid == os.getpid():
+            self._runtime.shutdown.request()
 
     def reset(self) -> None:
         if self._runtime is not None and self._pid == os.getpid():

@@ -103,3 +103,23 @@ class Stream:
             self.key, self.group, self.consumer, min_idle_ms, [p.id for p in pending]
         )
         return _entries(raw, {p.id: p.deliveries + 1 for p in pending})
+
+    def hand_back(self, idle_ms: int) -> int:
+        """Mark every entry pending with this consumer as idle for ``idle_ms``, so that any
+        reclaim takes them over at once. Does not count as a delivery (``JUSTID``).
+
+        A consumer works on one batch at a time, so what it has pending is exactly what it
+        read and has not committed: the batch in flight (and any left by a failed batch).
+        """
+        handed = 0
+        start = "-"
+        while True:
+            rows: Any = self.conn.xpending_range(
+                self.key, self.group, min=start, max="+", count=10_000, consumername=self.consumer
+            )
+            if not rows:
+                return handed
+            ids = [r["message_id"] for r in rows]
+            self.conn.xclaim(self.key, self.group, self.consumer, 0, ids, idle=idle_ms, justid=True)
+            handed += len(ids)
+            start = "(" + ids[-1].decode()  # exclusive: continue after the last one

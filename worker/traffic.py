@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
+
+from afterwrite.ids import uuid7_str
 
 MODELS = (
     "gpt-4o",
@@ -81,3 +84,11 @@ def queries(count: int, *, seed: int = 7) -> Iterator[dict[str, Any]]:
     rng = random.Random(seed)
     for _ in range(count):
         yield query_kwargs(rng)
+
+
+def as_record(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The stream payload ``record_query(**kwargs)`` would send (for preloading backlogs)."""
+    record = {"id": uuid7_str(), "created_at": datetime.now(UTC), **kwargs}
+    if "model_ids" in record:
+        record["model_ids"] = list(record["model_ids"])
+    return record

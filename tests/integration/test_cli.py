@@ -81,7 +81,9 @@ def test_flower_refuses_to_start_without_credentials(env: dict[str, str]) -> Non
 def test_migrate_creates_the_schema(
     env: dict[str, str], endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = ensure_database(endpoints.database_url, "afterwrite_test_cli", recreate=True)
+    url = ensure_database(
+        endpoints.database_url, f"afterwrite_test_cli_{os.getpid()}", recreate=True
+    )
     monkeypatch.setenv("AFTERWRITE_DATABASE_URL", url)
     result = CliRunner().invoke(main, ["migrate"])
     assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -17,7 +18,9 @@ from afterwrite.services import Endpoints, ensure_database
 @pytest.fixture
 def scratch_url(endpoints: Endpoints) -> str:
     """A fresh, empty database (the session's test database stays migrated)."""
-    url = ensure_database(endpoints.database_url, "afterwrite_test_migrations", recreate=True)
+    url = ensure_database(
+        endpoints.database_url, f"afterwrite_test_migrations_{os.getpid()}", recreate=True
+    )
     return "postgresql+psycopg://" + url.split("://", 1)[1]
 
 
