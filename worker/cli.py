@@ -19,10 +19,15 @@ console = Console()
 
 
 def _settings(**overrides: Any) -> Settings:
+    """Settings for a command, with the application's own kinds (AFTERWRITE_IMPORTS) loaded."""
+    from models.registry import import_kind_modules
+
     try:
-        return load_settings(**overrides)
-    except SettingsError as exc:
+        settings = load_settings(**overrides)
+        import_kind_modules(settings.imports)
+    except (SettingsError, ImportError) as exc:
         _fail(str(exc))
+    return settings
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -163,13 +168,44 @@ def demo(records: int, rate: float, data_dir: Path | None) -> None:
 @click.option("--entries", default=200_000, show_default=True, help="Backlog size to drain.")
 @click.option("--calls", default=20_000, show_default=True, help="record_query calls to time.")
 @click.option("--baseline/--no-baseline", default=True, help="Run the celery-batches baseline.")
-@click.option("--json", "as_json", is_flag=True)
-def bench(entries: int, calls: int, baseline: bool, as_json: bool) -> None:
-    """Measure hot-path latency and drain throughput against their ceilings."""
+@click.option(
+    "--baseline-entries", type=int, default=None, help="Events for the baseline (default 20k)."
+)
+@click.option(
+    "--compare-entries",
+    type=int,
+    default=None,
+    help="Second, smaller backlog for the memory comparison (0 skips it).",
+)
+@click.option("--concurrency", default=2, show_default=True, help="Worker processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
+def bench(
+    entries: int,
+    calls: int,
+    baseline: bool,
+    baseline_entries: int | None,
+    compare_entries: int | None,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """Measure hot-path latency and drain throughput against their ceilings.
+
+    Uses its own database (afterwrite_bench) and stream prefix; never touches real data.
+    """
     from worker.bench import run_bench
 
     settings = _settings()
-    result = run_bench(settings, entries=entries, calls=calls, baseline=baseline, console=console)
+    # With --json, stdout carries only the JSON; tables and progress go to stderr.
+    result = run_bench(
+        settings,
+        entries=entries,
+        calls=calls,
+        baseline=baseline,
+        console=Console(stderr=True) if as_json else console,
+        baseline_entries=baseline_entries,
+        compare_entries=compare_entries,
+        concurrency=concurrency,
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2))
 
