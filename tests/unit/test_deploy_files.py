@@ -170,16 +170,25 @@ def test_every_afterwrite_subcommand_exists_in_the_cli() -> None:
     assert used >= 5
 
 
-def test_cli_options_used_in_the_files_exist() -> None:
-    """Options given to afterwrite's own commands (not passed through to celery) must exist."""
+def _options(command: click.Command) -> set[str]:
+    return {opt for param in command.params for opt in getattr(param, "opts", [])}
+
+
+def test_options_used_in_the_files_exist() -> None:
+    """Options of afterwrite's own commands, and of the celery commands that ``afterwrite
+    worker`` / ``afterwrite beat`` pass the rest of their arguments to, must exist."""
+    from celery.bin.beat import beat
+    from celery.bin.worker import worker
+
+    passed_to = {"worker": worker, "beat": beat}
     for where, argv in _all_commands():
         if argv[:1] != ["afterwrite"] or len(argv) < 3:
             continue
-        command = main.commands[argv[1]]
-        known = {opt for p in command.params for opt in getattr(p, "opts", [])}
-        passes_through = bool(command.context_settings.get("ignore_unknown_options"))
+        known = _options(main.commands[argv[1]])
+        if argv[1] in passed_to:
+            known |= _options(passed_to[argv[1]])
         for arg in argv[2:]:
-            if arg.startswith("-") and not passes_through:
+            if arg.startswith("-"):
                 assert arg.split("=", 1)[0] in known, f"{where}: unknown option {arg}"
 
 

@@ -1,0 +1,29 @@
+# afterwrite: one image for every process (migrate, worker, beat, flower, the example web app).
+#   docker build -t afterwrite .
+#   docker run --rm -e AFTERWRITE_DATABASE_URL=... -e AFTERWRITE_REDIS_URL=... afterwrite
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Only what the package and the examples need (not .venv, .git or local data directories).
+COPY pyproject.toml README.md ./
+COPY afterwrite ./afterwrite
+COPY producer ./producer
+COPY worker ./worker
+COPY models ./models
+COPY migrations ./migrations
+COPY examples ./examples
+# The `examples` extra brings the web app's server (fastapi, uvicorn, flask).
+RUN pip install ".[examples]"
+
+# Least privilege: the code belongs to root; every process runs as this unprivileged user.
+RUN useradd --system --uid 10001 --user-group --no-create-home afterwrite
+USER afterwrite
+
+EXPOSE 8000 5555
+CMD ["afterwrite", "worker"]

@@ -1,0 +1,1 @@
+"""Example web apps that record every answered query with afterwrite (not part of the package)."""

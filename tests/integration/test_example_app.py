@@ -1,0 +1,232 @@
+"""The example web apps, in process, against real Redis and PostgreSQL: what the handler
+returns is what a drain stores, row for row."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+import redis.asyncio as aioredis
+from psycopg.rows import dict_row
+
+from afterwrite.settings import Settings, load_settings
+from examples import fakellm
+from examples.flask_app import create_app as create_flask_app
+from examples.webapp import create_app
+from producer import AsyncClient, Client
+from producer.client import redis_options
+from worker.runtime import Runtime
+
+QUESTIONS: list[dict[str, Any]] = [
+    {"query": "What is RAG?", "user_id": "u-1", "session_id": "s-1", "mode": "rag"},
+    {"query": "Summarise this contract ✓", "user_id": "u-2", "mode": "chat"},
+    {"query": "   Plain question   "},
+]
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    rt = Runtime(settings)
+    yield rt
+    rt.close()
+
+
+def _async_client(settings: Settings) -> AsyncClient:
+    conn = aioredis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+    return AsyncClient(conn, settings)
+
+
+def _rows(pg: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    cur = pg.cursor(row_factory=dict_row)
+    return {str(r["id"]): r for r in cur.execute("SELECT * FROM query_history")}
+
+
+def _check_stored(
+    answers: list[dict[str, Any]],
+    runtime: Runtime,
+    pg: psycopg.Connection[Any],
+    since: datetime,
+) -> None:
+    report = runtime.drain("query").run(budget_s=5)
+    assert (report.entries, report.inserted, report.dead_lettered) == (len(answers),) * 2 + (0,)
+    rows = _rows(pg)
+    assert set(rows) == {a["event_id"] for a in answers}
+    for question, answer in zip(QUESTIONS, answers, strict=True):
+        assert answer["recorded"] == "sent"
+        assert uuid.UUID(answer["event_id"]).version == 7
+        expected = fakellm.complete(question["query"], question.get("mode"))
+        assert answer["answer"] == expected.text
+        row = rows[answer["event_id"]]
+        assert row["query"] == question["query"]
+        assert row["response"] == expected.text
+        assert row["user_id"] == question.get("user_id")
+        assert row["session_id"] == question.get("session_id")
+        assert row["mode"] == question.get("mode")
+        assert row["model_ids"] == [fakellm.MODEL]
+        assert row["prompt_tokens"] == expected.prompt_tokens
+        assert row["completion_tokens"] == expected.completion_tokens
+        assert 0 <= row["response_time_ms"] < 5_000
+        assert row["retrieval"] is None
+        assert row["metadata"] is None
+        assert since <= row["created_at"] <= datetime.now(UTC)
+        assert row["ingested_at"] >= row["created_at"]
+
+
+# --- FastAPI ----------------------------------------------------------------------------------
+
+
+async def _post_all(client: AsyncClient, **app_options: Any) -> list[dict[str, Any]]:
+    app = create_app(client, **app_options)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://example"
+        ) as http,
+    ):
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        answers = []
+        for question in QUESTIONS:
+            response = await http.post("/ask", json=question)
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+        return answers
+
+
+def test_fastapi_answers_are_stored_exactly(
+    settings: Settings, runtime: Runtime, pg: psycopg.Connection[Any]
+) -> None:
+    since = datetime.now(UTC)
+
+    async def scenario() -> list[dict[str, Any]]:
+        client = _async_client(settings)
+        try:
+            return await _post_all(client, latency_ms=0)
+        finally:
+            await client.close()
+
+    _check_stored(asyncio.run(scenario()), runtime, pg, since)
+
+
+def test_fastapi_measures_the_simulated_latency(
+    settings: Settings, runtime: Runtime, pg: psycopg.Connection[Any]
+) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        async with _async_client(settings) as client:
+            return await _post_all(client, latency_ms=5)
+
+    answers = asyncio.run(scenario())
+    runtime.drain("query").run(budget_s=5)
+    rows = _rows(pg)
+    assert all(rows[a["event_id"]]["response_time_ms"] >= 5 for a in answers)
+
+
+def test_fastapi_client_from_env_is_opened_and_closed_by_the_lifespan(
+    settings: Settings,
+    runtime: Runtime,
+    pg: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("AFTERWRITE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AFTERWRITE_REDIS_URL", settings.require_redis_url())
+    monkeypatch.setenv("AFTERWRITE_DATABASE_URL", settings.require_database_url())
+    since = datetime.now(UTC)
+    app = create_app()
+
+    async def scenario() -> tuple[list[dict[str, Any]], AsyncClient]:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://example"
+            ) as http,
+        ):
+            recorder = app.state.recorder
+            assert isinstance(recorder, AsyncClient)
+            answers = [(await http.post("/ask", json=q)).json() for q in QUESTIONS]
+        return answers, recorder
+
+    answers, recorder = asyncio.run(scenario())
+    _check_stored(answers, runtime, pg, since)
+    assert recorder.stats.snapshot()["sent"] == len(QUESTIONS)
+
+
+def test_fastapi_rejects_a_request_without_a_query(settings: Settings) -> None:
+    client = _async_client(settings)
+
+    async def scenario() -> httpx.Response:
+        async with (
+            client,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(client)), base_url="http://example"
+            ) as http,
+        ):
+            return await http.post("/ask", json={"user_id": "u-1"})
+
+    assert asyncio.run(scenario()).status_code == 422
+    assert sum(client.stats.snapshot().values()) == 0  # nothing was recorded
+
+
+def test_fastapi_still_answers_when_redis_is_away() -> None:
+    # A port nothing listens on: the record fails fast, the user still gets the answer.
+    settings = load_settings({}, redis_url="redis://127.0.0.1:1/0")
+
+    async def scenario() -> dict[str, Any]:
+        async with (
+            _async_client(settings) as client,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(client)), base_url="http://example"
+            ) as http,
+        ):
+            response = await http.post("/ask", json={"query": "Still there?"})
+            assert response.status_code == 200
+            body: dict[str, Any] = response.json()
+            return body
+
+    body = asyncio.run(scenario())
+    assert body["recorded"] == "failed"
+    assert body["answer"] == fakellm.complete("Still there?").text
+    assert uuid.UUID(body["event_id"]).version == 7
+
+
+# --- Flask ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sync_client(settings: Settings) -> Iterator[Client]:
+    conn = redis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+    with Client(conn, settings) as client:
+        yield client
+
+
+def test_flask_answers_are_stored_exactly(
+    sync_client: Client, runtime: Runtime, pg: psycopg.Connection[Any]
+) -> None:
+    since = datetime.now(UTC)
+    http = create_flask_app(sync_client, latency_ms=0).test_client()
+    assert http.get("/healthz").get_json() == {"status": "ok"}
+    answers = []
+    for question in QUESTIONS:
+        response = http.post("/ask", json=question)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        answers.append(response.get_json())
+    _check_stored(answers, runtime, pg, since)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"user_id": "u-1"}, {"query": 42}, {"query": "q", "mode": ["rag"]}, ["What is RAG?"]],
+)
+def test_flask_rejects_malformed_requests(sync_client: Client, body: object) -> None:
+    http = create_flask_app(sync_client).test_client()
+    response = http.post("/ask", json=body)
+    assert response.status_code == 400
+    assert "error" in response.get_json()
+    assert sum(sync_client.stats.snapshot().values()) == 0  # nothing was recorded
