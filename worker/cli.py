@@ -147,6 +147,158 @@ def status(as_json: bool) -> None:
     console.print(streams, tables, dead)
 
 
+# --- dead letters ---------------------------------------------------------------------------
+def _dlq_filter(
+    kind: str | None, reason: str | None, since: str | None, until: str | None, ids: tuple[int, ...]
+) -> Any:
+    from worker.dlq import Filter, parse_time
+
+    try:
+        return Filter(
+            kind=kind,
+            reason=reason,
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            ids=ids,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _dlq_options(f: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--kind", help="Only this record kind."),
+            click.option("--reason", help="A reason (invalid, rejected) or an error code."),
+            click.option("--since", help="Last seen at or after: ISO time or age (30m, 2h, 7d)."),
+            click.option("--until", help="Last seen before: ISO time or age."),
+            click.option("--id", "ids", type=int, multiple=True, help="Only these ids."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _db(settings: Settings) -> Any:
+    import psycopg
+
+    try:
+        return psycopg.connect(settings.require_database_url(), autocommit=True)
+    except SettingsError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list, show, replay, purge."""
+
+
+@dlq.command("list")
+@_dlq_options
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(
+    kind: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[int, ...],
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Dead letters, newest first."""
+    from worker import dlq as store
+
+    flt = _dlq_filter(kind, reason, since, until, ids)
+    with _db(_settings()) as conn:
+        rows = store.list_dead(conn, flt, limit)
+        total = store.count_dead(conn, flt)
+    if as_json:
+        click.echo(json.dumps({"total": total, "dead_letters": rows}, default=str, indent=2))
+        return
+    table = Table(title=f"dead letters ({len(rows)} of {total:,})")
+    for col in ("id", "kind", "reason", "code", "deliveries", "last seen", "detail"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["kind"],
+            r["reason"],
+            r["error_code"] or "",
+            str(r["delivery_count"]),
+            r["last_seen_at"].isoformat(timespec="seconds"),
+            (r["detail"] or "")[:80],
+        )
+    console.print(table)
+
+
+@dlq.command("show")
+@click.argument("dead_id", type=int)
+def dlq_show(dead_id: int) -> None:
+    """One dead letter with its payload (as JSON)."""
+    from worker import dlq as store
+
+    with _db(_settings()) as conn:
+        row = store.show(conn, dead_id)
+    if row is None:
+        _fail(f"no dead letter with id {dead_id}", code=1)
+    click.echo(json.dumps(row, default=str, indent=2, ensure_ascii=False))
+
+
+@dlq.command("replay")
+@_dlq_options
+@click.option("--dry-run", is_flag=True, help="Validate only; change nothing.")
+def dlq_replay(
+    kind: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[int, ...],
+    dry_run: bool,
+) -> None:
+    """Re-validate matching dead letters and re-enqueue the valid ones (idempotent)."""
+    import redis
+
+    from worker import dlq as store
+
+    settings = _settings()
+    flt = _dlq_filter(kind, reason, since, until, ids)
+    r = redis.Redis.from_url(settings.require_redis_url())
+    with _db(settings) as conn:
+        report = store.replay(conn, r, settings, flt, dry_run=dry_run)
+    r.close()
+    verb = "would replay" if dry_run else "replayed"
+    click.echo(
+        f"{verb} {report.replayed}; still invalid {report.still_invalid}; "
+        f"unknown kind {report.unknown_kind}"
+    )
+    for p in report.problems:
+        click.echo(f"  #{p['id']}: {p['why']}")
+
+
+@dlq.command("purge")
+@_dlq_options
+@click.option("--yes", is_flag=True, help="Do it (without it, only count).")
+def dlq_purge(
+    kind: str | None,
+    reason: str | None,
+    since: str | None,
+    until: str | None,
+    ids: tuple[int, ...],
+    yes: bool,
+) -> None:
+    """Delete matching dead letters (asks for --yes)."""
+    from worker import dlq as store
+
+    flt = _dlq_filter(kind, reason, since, until, ids)
+    with _db(_settings()) as conn:
+        if not yes:
+            n = store.count_dead(conn, flt)
+            click.echo(f"{n} dead letters match; run again with --yes to delete them")
+            return
+        click.echo(f"deleted {store.purge(conn, flt)} dead letters")
+
+
 @main.command()
 @click.option("--records", default=20_000, show_default=True, help="Query records to send.")
 @click.option("--rate", default=0.0, help="Records per second (0: as fast as possible).")
