@@ -11,10 +11,14 @@ backlog, within ``drain_budget_s``.
 
 from __future__ import annotations
 
+import logging
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
+from afterwrite import logs
 from afterwrite.settings import Settings, load_settings
 from models.registry import import_kind_modules, kinds
 from worker import shutdown
@@ -41,7 +45,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "args": (kind.name,),
             "options": {"expires": settings.reclaim_interval_s},
         }
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
         # Well above any task's duration; Celery's Redis transport redelivers unacked task
@@ -62,6 +66,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "beat_schedule": schedule,
     }
+    broker = urlsplit(settings.celery_broker_url)
+    if broker.scheme == "rediss" and "ssl_cert_reqs" not in broker.query:
+        # kombu refuses a rediss:// broker without TLS options; verify certificates by default
+        # (a URL may still say ?ssl_cert_reqs=none for a self-signed development server).
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
 
 
 class AfterwriteCelery(Celery):  # type: ignore[misc]
@@ -93,3 +103,10 @@ def _stop_drains(**_: Any) -> None:
     # in the pool's children stop after their current batch instead of using their budget.
     app.afterwrite.request_shutdown()
     shutdown.forward_to_children()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _mask_secrets(logger: logging.Logger, **_: Any) -> None:
+    # Celery's own handlers, in the main process and in pool children.
+    logs.install(logger.handlers, json_format=load_settings().log_json)

@@ -49,9 +49,13 @@ def main() -> None:
 
     Redis Streams → Celery → PostgreSQL.
     """
+    from afterwrite import logs
+
     level = os.environ.get("AFTERWRITE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("afterwrite").setLevel(level)
+    json_logs = os.environ.get("AFTERWRITE_LOG_JSON", "").lower() in {"1", "true", "yes"}
+    logs.install(logging.getLogger().handlers, json_format=json_logs)
 
 
 @main.command()

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import ssl
+
+from afterwrite.settings import load_settings
+from worker.app import DRAIN_TASK, RECLAIM_TASK, celery_config
+
+
+def test_json_only_and_a_schedule_per_kind() -> None:
+    config = celery_config(load_settings({}, redis_url="redis://cache:6379/0"))
+    assert config["accept_content"] == ["json"]
+    assert config["task_serializer"] == "json"
+    assert config["result_accept_content"] == ["json"]
+    schedule = config["beat_schedule"]
+    assert schedule["drain:query"]["task"] == DRAIN_TASK
+    assert schedule["drain:query"]["args"] == ("query",)
+    assert schedule["reclaim:query"]["task"] == RECLAIM_TASK
+    assert config["broker_url"] == "redis://cache:6379/0"
+    assert "broker_use_ssl" not in config
+    # task time limits stay far below the broker's visibility timeout
+    assert config["task_time_limit"] < config["broker_transport_options"]["visibility_timeout"]
+
+
+def test_tls_broker_verifies_certificates() -> None:
+    config = celery_config(load_settings({}, redis_url="rediss://app:pw@cache:6380/0"))
+    assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    explicit = celery_config(
+        load_settings({}, redis_url="rediss://cache:6380/0?ssl_cert_reqs=none")
+    )
+    assert "broker_use_ssl" not in explicit
