@@ -21,3 +21,12 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
         time.sleep(interval_s)
+
+
+# The crash-probe kind (tests/crash_kind.py) is registered only inside worker subprocesses;
+# tests import these names from here so that importing them does not register the kind.
+CRASH_KIND_TABLE = "test_crash_probe"
+CRASH_KIND_KILL_NOTE = "kill my consumer"
+CRASH_KIND_CREATE_SQL = (
+    f"CREATE TABLE IF NOT EXISTS {CRASH_KIND_TABLE} (id uuid PRIMARY KEY, note text NOT NULL)"
+)
