@@ -312,12 +312,20 @@ def dlq_purge(
     default=None,
     help="Where private PostgreSQL/Redis live (default: AFTERWRITE_DATA_DIR).",
 )
-def demo(records: int, rate: float, data_dir: Path | None) -> None:
+@click.option(
+    "--private",
+    is_flag=True,
+    help="Start private PostgreSQL/Redis even when local ones are reachable.",
+)
+def demo(records: int, rate: float, data_dir: Path | None, private: bool) -> None:
     """Run the whole pipeline on realistic LLM query traffic and show it landing."""
     from worker.demo import run_demo
 
     settings = _settings()
-    sys.exit(run_demo(settings, records=records, rate=rate, data_dir=data_dir, console=console))
+    code = run_demo(
+        settings, records=records, rate=rate, data_dir=data_dir, console=console, private=private
+    )
+    sys.exit(code)
 
 
 @main.command()

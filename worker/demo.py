@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,21 +44,26 @@ class DemoEndpoints:
 
 
 @contextlib.contextmanager
-def demo_endpoints(settings: Settings, data_dir: Path, console: Console) -> Iterator[DemoEndpoints]:
+def demo_endpoints(
+    settings: Settings, data_dir: Path, console: Console, *, private: bool = False
+) -> Iterator[DemoEndpoints]:
+    """Configured URLs; else local servers (unless ``private``); else private ones, stopped
+    when the context exits."""
     if settings.database_url and settings.redis_url:
         yield DemoEndpoints(settings.require_database_url(), settings.redis_url, "configured")
         return
-    admin, local_redis = local_endpoints()
+    admin, local_redis = (None, None) if private else local_endpoints()
     db_url = settings.database_url and settings.require_database_url()
     redis_url = settings.redis_url or local_redis
     need_pg = db_url is None and admin is None
-    private = None
+    services = None
     if need_pg or redis_url is None:
+        data_dir = _reachable_by_postgres(data_dir)
         console.print(f"[dim]starting private services under {data_dir}[/dim]")
-        private = PrivateServices(
+        services = PrivateServices(
             data_dir, postgres=need_pg, redis=redis_url is None, log=console.print
         )
-        started = private.start()
+        started = services.start()
         admin = admin if not need_pg else started.database_url
         redis_url = redis_url or started.redis_url
     try:
@@ -64,11 +71,24 @@ def demo_endpoints(settings: Settings, data_dir: Path, console: Console) -> Iter
             assert admin is not None
             db_url = ensure_database(admin, DEMO_DATABASE)
         assert redis_url is not None
-        where = "private" if private is not None else "local"
+        where = "private" if services is not None else "local"
         yield DemoEndpoints(db_url, redis_url, where)
     finally:
-        if private is not None:
-            private.stop()
+        if services is not None:
+            services.stop()
+
+
+def _reachable_by_postgres(data_dir: Path) -> Path:
+    """As root, a private PostgreSQL runs as an unprivileged user, who must be able to reach
+    its data directory; a project under a 0700 home (/root) is not. Fall back to /var/tmp."""
+    if os.geteuid() != 0:
+        return data_dir
+    for parent in data_dir.resolve().parents:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            fallback = Path(tempfile.gettempdir()) / "afterwrite-demo"
+            fallback.mkdir(mode=0o755, exist_ok=True)
+            return fallback
+    return data_dir
 
 
 def _count_rows(conn: psycopg.Connection[Any], since: float) -> int:
@@ -85,10 +105,11 @@ def run_demo(
     rate: float,
     data_dir: Path | None,
     console: Console,
+    private: bool = False,
 ) -> int:
     data_dir = (data_dir or settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    with demo_endpoints(settings, data_dir, console) as ep:
+    with demo_endpoints(settings, data_dir, console, private=private) as ep:
         console.print(f"PostgreSQL: {_safe(ep.database_url)}  Redis: {_safe(ep.redis_url)}")
         demo_settings = settings.model_copy(
             update={
@@ -127,6 +148,11 @@ def _traffic(
     client = Client.from_env(settings)
     r = redis.Redis.from_url(settings.require_redis_url())
     stream = wire.stream_key(settings.stream_prefix, "query")
+    if not _wait_for_worker(r, stream, started, console):
+        console.print("[red]the worker did not start:[/red]")
+        for p in started:
+            console.print(p.tail())
+        return 1
     t0 = time.time()
     latencies_us: list[float] = []
     failed = 0
@@ -205,14 +231,36 @@ def _update(
     t0: float,
 ) -> int:
     done = _count_rows(conn, t0 - 1)
-    backlog = int(r.xlen(stream))
+    pipe = r.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.xrange(stream, "-", "+", count=1)
+    backlog, oldest = pipe.execute()
+    lag = time.time() - wire.entry_ms(oldest[0][0]) / 1000 if oldest else 0.0
     elapsed = max(time.time() - t0, 1e-6)
     progress.update(
         task,
         completed=done,
-        info=f"{done / elapsed:,.0f} rows/s  backlog {backlog:,}",
+        info=f"{done / elapsed:,.0f} rows/s  backlog {int(backlog):,}  lag {lag:.1f}s",
     )
     return done
+
+
+def _wait_for_worker(
+    r: redis.Redis, stream: str, started: list[processes.Process], console: Console
+) -> bool:
+    """Until a drain has joined the stream's consumer group (the worker is up and beat kicks it)."""
+    deadline = time.monotonic() + 90
+    with console.status("waiting for the worker to start…"):
+        while time.monotonic() < deadline:
+            if not all(p.alive() for p in started):
+                return False
+            try:
+                if any(int(g["consumers"]) > 0 for g in r.xinfo_groups(stream)):
+                    return True
+            except redis.ResponseError:
+                pass  # no stream yet: the first drain creates it
+            time.sleep(0.2)
+    return False
 
 
 def _safe(url: str) -> str:
