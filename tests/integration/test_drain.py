@@ -14,6 +14,7 @@ from afterwrite import wire
 from afterwrite.settings import Settings
 from producer import Client, Outcome
 from producer.client import redis_options
+from worker.errors import BadDeployError, Failure, classify
 from worker.runtime import Runtime
 from worker.streams import Stream
 
@@ -257,3 +258,35 @@ def test_old_created_at_reports_lag(client: Client, runtime: Runtime) -> None:
     report = runtime.drain("query").run(budget_s=5)
     assert report.max_lag_s is not None
     assert report.max_lag_s < 60
+
+
+def test_guard_stops_a_drain_when_nearly_everything_is_invalid(
+    client: Client, runtime: Runtime, pg: psycopg.Connection[Any], rdb: redis.Redis
+) -> None:
+    # A producer deployed with the wrong schema: every entry has a field the table lacks.
+    drain = runtime.drain("query")
+    for i in range(150):
+        rdb.xadd(
+            drain.stream.key,
+            {wire.PAYLOAD_FIELD: wire.encode({"id": str(uuid.uuid4()), "prompt": f"q{i}"})},
+        )
+    client.record_query("the only good one")
+    with pytest.raises(BadDeployError, match="150 of 151 entries"):
+        drain.run(budget_s=5)
+    # nothing dead-lettered, nothing stored, nothing acknowledged: fix the deploy, then drain
+    assert pg.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+    assert pg.execute("SELECT count(*) FROM query_history").fetchone() == (0,)
+    assert rdb.xlen(drain.stream.key) == 151
+    assert classify(BadDeployError("x")) is Failure.CONFIGURATION
+
+
+def test_mostly_good_batches_pass_the_guard(
+    client: Client, runtime: Runtime, pg: psycopg.Connection[Any], rdb: redis.Redis
+) -> None:
+    drain = runtime.drain("query")
+    for i in range(100):
+        client.record_query(f"q{i}")
+    for _ in range(50):
+        rdb.xadd(drain.stream.key, {wire.PAYLOAD_FIELD: b"\xc1"})
+    report = drain.run(budget_s=5)
+    assert (report.inserted, report.dead_lettered) == (100, 50)
