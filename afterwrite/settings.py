@@ -143,6 +143,16 @@ class Settings(BaseSettings):
     imports: tuple[str, ...] = ()
     """Modules to import at start that register record kinds (comma-separated)."""
 
+    # --- retention --------------------------------------------------------------------------
+    retention_days: dict[str, int] = Field(default_factory=dict)
+    """Per-kind retention, ``query=90,agent_task=30``; overrides a kind's own default. Kinds
+    without one keep their rows forever (query history by default)."""
+    retention_interval_s: PositiveFloat = 3600.0
+    retention_chunk_rows: Annotated[int, Field(gt=0, le=1_000_000)] = 5_000
+    """Rows deleted per transaction: short locks, small WAL bursts."""
+    retention_budget_s: PositiveFloat = 60.0
+    """A retention run stops after this long; the next run continues."""
+
     # --- flower -----------------------------------------------------------------------------
     flower_user: str | None = None
     flower_password: SecretStr | None = None
@@ -174,6 +184,27 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {parts.scheme!r}")
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("has no host")
+        return v
+
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _parse_retention(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        out: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in v.split(","))):
+            kind, sep, days = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r}: expected kind=days, e.g. query=90")
+            out[kind.strip()] = days.strip()
+        return out
+
+    @field_validator("retention_days")
+    @classmethod
+    def _check_retention(cls, v: dict[str, int]) -> dict[str, int]:
+        for kind, days in v.items():
+            if days < 1:
+                raise ValueError(f"{kind}: retention must be at least 1 day, got {days}")
         return v
 
     @field_validator("imports", mode="before")
@@ -280,9 +311,13 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         settings = Settings(**values)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{_env_name(loc)}: {msg}" if loc else msg)
+            if not err["loc"]:
+                problems.append(msg)
+                continue
+            field, *inner = (str(p) for p in err["loc"])
+            where = f" ({'.'.join(inner)})" if inner else ""
+            problems.append(f"{_env_name(field)}{where}: {msg}")
     if problems:
         raise SettingsError("invalid afterwrite settings:\n  " + "\n  ".join(problems))
     assert settings is not None

@@ -19,13 +19,30 @@ from urllib.parse import urlsplit
 from celery import Celery, signals
 
 from afterwrite import logs
-from afterwrite.settings import Settings, load_settings
+from afterwrite.settings import Settings, SettingsError, load_settings
 from models.registry import import_kind_modules, kinds
 from worker import shutdown
+from worker.retention import retention_days
 from worker.runtime import RuntimeHolder
 
 DRAIN_TASK = "afterwrite.drain"
 RECLAIM_TASK = "afterwrite.reclaim"
+RETENTION_TASK = "afterwrite.retention"
+
+
+def check_kind_settings(settings: Settings) -> None:
+    """Settings that name kinds must name registered ones (after AFTERWRITE_IMPORTS)."""
+    unknown = sorted(set(settings.retention_days) - set(kinds.names()))
+    if unknown:
+        raise SettingsError(
+            f"AFTERWRITE_RETENTION_DAYS names unknown kind(s) {', '.join(unknown)}; "
+            f"registered: {', '.join(kinds.names())}"
+        )
+    for kind in kinds:
+        if retention_days(kind, settings) is not None and "created_at" not in kind.table.c:
+            raise SettingsError(
+                f"AFTERWRITE_RETENTION_DAYS: kind {kind.name!r} has no created_at column"
+            )
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -45,6 +62,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "args": (kind.name,),
             "options": {"expires": settings.reclaim_interval_s},
         }
+    schedule["retention"] = {
+        "task": RETENTION_TASK,
+        "schedule": settings.retention_interval_s,
+        "options": {"expires": settings.retention_interval_s},
+    }
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -81,6 +103,7 @@ class AfterwriteCelery(Celery):  # type: ignore[misc]
         # broker (amqp://localhost). Raised here, SettingsError stops it, naming the variable.
         settings = load_settings()
         import_kind_modules(settings.imports)  # before the schedule lists every kind
+        check_kind_settings(settings)
         self.conf.update(celery_config(settings))
 
 

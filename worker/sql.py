@@ -22,7 +22,7 @@ class KindSql:
     copy: sql.Composed
     """``COPY staging (columns) FROM STDIN`` (text format)."""
     insert: sql.Composed
-    """Move staged rows into the target; rows whose id exists already are skipped."""
+    """Move staged rows into the target; rows whose key exists already are skipped."""
     clear_staging: sql.Composed
 
 
@@ -53,6 +53,8 @@ def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
             selected.append(ident)
         else:
             selected.append(sql.SQL("COALESCE({}, {})").format(ident, default))
+    # Conflicts on the primary key: (id), or (id, created_at) for a table partitioned by time.
+    key = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.primary_key.columns)
     return KindSql(
         create_staging=sql.SQL(
             # CREATE TABLE AS copies column types but no NOT NULL constraints: a record may
@@ -63,7 +65,13 @@ def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
         copy=sql.SQL("COPY {staging} ({cols}) FROM STDIN").format(staging=staging, cols=cols),
         insert=sql.SQL(
             "INSERT INTO {target} ({cols}) SELECT {selected} FROM {staging} "
-            "ON CONFLICT (id) DO NOTHING"
-        ).format(target=target, cols=cols, selected=sql.SQL(", ").join(selected), staging=staging),
+            "ON CONFLICT ({key}) DO NOTHING"
+        ).format(
+            target=target,
+            cols=cols,
+            selected=sql.SQL(", ").join(selected),
+            staging=staging,
+            key=key,
+        ),
         clear_staging=sql.SQL("TRUNCATE {staging}").format(staging=staging),
     )

@@ -10,9 +10,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
+
+from models.registry import kinds
 from worker import slots
-from worker.app import DRAIN_TASK, RECLAIM_TASK, app
+from worker.app import DRAIN_TASK, RECLAIM_TASK, RETENTION_TASK, app
 from worker.errors import Failure, classify
+from worker.retention import run_retention
 from worker.runtime import Runtime
 
 log = logging.getLogger("afterwrite.tasks")
@@ -80,3 +84,15 @@ def drain(kind: str) -> dict[str, Any]:
 def reclaim(kind: str) -> dict[str, Any]:
     """Take over and store entries a dead consumer left pending."""
     return _guarded(kind, "reclaim", lambda rt: rt.drain(kind).reclaim().as_dict())
+
+
+@app.task(name=RETENTION_TASK)
+def retention() -> dict[str, Any]:
+    """Delete rows past their kind's retention, in short chunks, within a time budget."""
+
+    def work(rt: Runtime) -> dict[str, Any]:
+        with psycopg.connect(rt.settings.require_database_url(), autocommit=True) as conn:
+            reports = run_retention(conn, list(kinds), rt.settings)
+        return {"kinds": [r.as_dict() for r in reports]}
+
+    return _guarded("*", "retention", work)
