@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     """The guard only judges batches of at least this many entries."""
     imports: tuple[str, ...] = ()
     """Modules to import at start that register record kinds (comma-separated)."""
+    migration_dirs: tuple[Path, ...] = ()
+    """Directories of an application's own Alembic revisions (for its kinds), separated by
+    ``os.pathsep`` (``:``); ``afterwrite migrate`` applies them with afterwrite's."""
 
     # --- retention --------------------------------------------------------------------------
     retention_days: dict[str, int] = Field(default_factory=dict)
@@ -205,6 +208,21 @@ class Settings(BaseSettings):
         for kind, days in v.items():
             if days < 1:
                 raise ValueError(f"{kind}: retention must be at least 1 day, got {days}")
+        return v
+
+    @field_validator("migration_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(Path(p) for p in v.split(os.pathsep) if p.strip())
+        return v
+
+    @field_validator("migration_dirs")
+    @classmethod
+    def _check_dirs(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
+        for d in v:
+            if not d.is_dir():
+                raise ValueError(f"{d} is not a directory")
         return v
 
     @field_validator("imports", mode="before")

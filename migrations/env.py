@@ -6,9 +6,12 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 import models
+from models.registry import kinds
 
 config = context.config
-target_metadata = models.Base.metadata
+# afterwrite's tables, plus those of kinds an application registered with a Base of its own.
+_own = [k.model.metadata for k in kinds if k.model.metadata is not models.Base.metadata]
+target_metadata = [models.Base.metadata, *{id(m): m for m in _own}.values()]
 
 
 def run_migrations_offline() -> None:

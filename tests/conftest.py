@@ -24,6 +24,7 @@ import psycopg
 import pytest
 import redis
 
+import examples.agent_steps.model  # noqa: F401  (registers the agent_step kind)
 from afterwrite.services import Endpoints, PrivateServices, ensure_database, local_endpoints
 from afterwrite.settings import Settings, load_settings
 from models.registry import kinds
@@ -31,6 +32,9 @@ from models.registry import kinds
 # Per test session, so that several sessions on one machine (developers, CI, helpers running
 # pytest at once) never flush or drop each other's state.
 TEST_DATABASE = f"afterwrite_test_{os.getpid()}"
+# The worked example of a team's own kind is registered in every test session, as an
+# application would with AFTERWRITE_IMPORTS, and its revision applied with afterwrite's.
+EXAMPLE_MIGRATIONS = Path(__file__).resolve().parent.parent / "examples/agent_steps/migrations"
 TEST_REDIS_DB = 2 + os.getpid() % 14
 
 
@@ -70,7 +74,9 @@ def endpoints() -> Iterator[Endpoints]:
     database_url = ensure_database(admin_url, TEST_DATABASE, recreate=True)
     import migrations
 
-    migrations.upgrade("postgresql+psycopg://" + database_url.split("://", 1)[1])
+    migrations.upgrade(
+        "postgresql+psycopg://" + database_url.split("://", 1)[1], extra_dirs=[EXAMPLE_MIGRATIONS]
+    )
     try:
         yield Endpoints(database_url, _with_db(redis_url, TEST_REDIS_DB))
     finally:

@@ -59,14 +59,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--revision", default="head", show_default=True, help="Alembic revision.")
+@click.option("--revision", default="heads", show_default=True, help="Alembic revision.")
 def migrate(revision: str) -> None:
     """Create or upgrade the database schema (Alembic)."""
     import migrations
 
     settings = _settings()
     try:
-        migrations.upgrade(settings.sqlalchemy_url(), revision)
+        migrations.upgrade(settings.sqlalchemy_url(), revision, settings.migration_dirs)
     except SettingsError as exc:
         _fail(str(exc))
     click.echo(f"database at revision {revision}")

@@ -41,13 +41,15 @@ def test_status_reports_backlog_rows_and_dead_letters(
     result = CliRunner().invoke(main, ["status", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    (stream,) = report["streams"]
-    assert stream["kind"] == "query"
-    assert stream["length"] == 7
-    assert stream["oldest_age_s"] is not None
-    assert report["tables"] == [
-        {"kind": "query", "table": "query_history", "rows": 0, "estimated": False}
-    ]
+    streams = {s["kind"]: s for s in report["streams"]}
+    assert set(streams) == {"agent_step", "query"}  # every registered kind
+    assert streams["query"]["length"] == 7
+    assert streams["query"]["oldest_age_s"] is not None
+    assert streams["agent_step"]["length"] == 0
+    assert streams["agent_step"]["oldest_age_s"] is None
+    assert {"kind": "query", "table": "query_history", "rows": 0, "estimated": False} in (
+        report["tables"]
+    )
     assert report["dead_letters"] == {"query": {"nul_byte": 1}}
 
     human = CliRunner().invoke(main, ["status"])
