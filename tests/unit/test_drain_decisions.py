@@ -79,7 +79,7 @@ def test_kind_sql_quotes_identifiers_and_is_idempotent() -> None:
     q = kind_sql(kind.table, RowCodec(kind.table).columns)
     insert = q.insert.as_string(None)
     assert insert.startswith('INSERT INTO "query_history" ("id", "created_at"')
-    assert insert.endswith("ON CONFLICT (\"id\") DO NOTHING")
+    assert insert.endswith('ON CONFLICT ("id") DO NOTHING')
     # server defaults apply to fields a record left out
     assert "COALESCE(\"model_ids\", '[]'::jsonb)" in insert
     assert 'COALESCE("ingested_at", now())' in insert
