@@ -374,5 +374,14 @@ def bench(
         click.echo(json.dumps(result, indent=2))
 
 
+def _register_subcommands() -> None:
+    # Commands that live in their own modules (they import this one for _settings/_fail).
+    from worker.cli_stats import stats_cmd
+
+    main.add_command(stats_cmd)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

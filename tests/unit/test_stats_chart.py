@@ -1,0 +1,43 @@
+"""The HTML chart of ``afterwrite stats --html`` (pure: rows in, a page out)."""
+
+from __future__ import annotations
+
+import re
+
+from worker.stats import UsageRow
+from worker.stats_chart import html_page, svg_chart
+
+
+def _row(key: str | None, calls: int, p95: float | None) -> UsageRow:
+    return UsageRow(key, calls, p95, p95, 10, 5, 15)
+
+
+ROWS = [_row("gpt-4o", 200, 900.0), _row("claude", 100, 450.0), _row(None, 1, None)]
+
+
+def test_one_bar_per_group_in_each_panel_scaled_to_the_largest() -> None:
+    svg = svg_chart(ROWS)
+    calls = re.findall(r'<rect class="calls" [^>]*width="([\d.]+)"', svg)
+    p95 = re.findall(r'<rect class="p95" [^>]*width="([\d.]+)"', svg)
+    assert len(calls) == len(p95) == 3
+    assert float(calls[0]) == 2 * float(calls[1]) > 0
+    assert float(p95[0]) == 2 * float(p95[1])
+    assert float(p95[2]) == 0  # no latency known
+    assert "(none)" in svg
+
+
+def test_page_is_self_contained_and_escapes_labels() -> None:
+    page = html_page([_row("<script>alert(1)</script>", 3, 1.0)], title="usage & more")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page
+    assert "&lt;script&gt;" in page
+    assert "usage &amp; more" in page
+    assert page.count("<svg") == 1
+    assert not re.search(r'(src|href)="', page)  # nothing fetched
+
+
+def test_no_rows_gives_an_empty_chart() -> None:
+    svg = svg_chart([])
+    assert "<rect" not in svg
+    assert svg.startswith("<svg")
+    assert svg.endswith("</svg>")
