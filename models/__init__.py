@@ -5,6 +5,7 @@ Importing this package registers the built-in kinds.
 
 from models.base import Base
 from models.dead_letter import DeadLetter
+from models.metric import MetricPoint, MetricRollup
 from models.query_history import QueryHistory
 from models.registry import Kind, KindRegistry, UnknownKindError, kinds, register_kind
 
@@ -13,6 +14,8 @@ __all__ = [
     "DeadLetter",
     "Kind",
     "KindRegistry",
+    "MetricPoint",
+    "MetricRollup",
     "QueryHistory",
     "UnknownKindError",
     "kinds",

@@ -12,10 +12,13 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Table
 from sqlalchemy.orm import DeclarativeBase
+
+if TYPE_CHECKING:
+    from psycopg import sql
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
@@ -33,6 +36,13 @@ Validator = Callable[[dict[str, Any]], None]
 """A kind's own rule on a decoded payload; raise ValueError (optionally with a ``code``
 attribute) to dead-letter the entry. Runs in the worker, after type checks."""
 
+InsertHook = Callable[["sql.Composed"], "sql.Composed"]
+"""A kind's own batch statement, built from the default one: it receives ``INSERT INTO t (…)
+SELECT … FROM staging ON CONFLICT (pk) DO NOTHING`` and returns the statement a drain runs
+instead (e.g. that insert in a CTE with ``RETURNING``, feeding rollups in the same statement).
+Contract: the statement's rowcount is the number of rows it newly stored in the kind's table,
+and it must stay idempotent (a redelivered batch changes nothing)."""
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -40,6 +50,8 @@ class Kind:
     model: type[DeclarativeBase]
     retention_days: int | None = None
     validate: Validator | None = None
+    insert_sql: InsertHook | None = None
+    """None: the default insert (see ``worker.sql.kind_sql``)."""
 
     @property
     def table(self) -> Table:
@@ -82,13 +94,23 @@ kinds = KindRegistry()
 
 
 def register_kind(
-    name: str, *, retention_days: int | None = None, validate: Validator | None = None
+    name: str,
+    *,
+    retention_days: int | None = None,
+    validate: Validator | None = None,
+    insert_sql: InsertHook | None = None,
 ) -> Callable[[M], M]:
     """Class decorator: store records of kind ``name`` in this model's table."""
 
     def decorate(model: M) -> M:
         kinds.register(
-            Kind(name=name, model=model, retention_days=retention_days, validate=validate)
+            Kind(
+                name=name,
+                model=model,
+                retention_days=retention_days,
+                validate=validate,
+                insert_sql=insert_sql,
+            )
         )
         return model
 

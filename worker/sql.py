@@ -12,6 +12,8 @@ from sqlalchemy import Column, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import TextClause
 
+from models.registry import InsertHook, kinds
+
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -40,7 +42,16 @@ def _default_sql(column: Column[object]) -> sql.Composable | None:
     return None
 
 
+def _insert_hook(table: Table) -> InsertHook | None:
+    # Looked up here rather than passed in, so every caller (drain, import, bench) runs the
+    # kind's own statement.
+    return next((k.insert_sql for k in kinds if k.table is table), None)
+
+
 def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
+    """The statements for ``table``. When the table's kind has an ``insert_sql`` hook, it
+    rewrites the default insert, keeping its contract: rowcount = rows newly stored, and
+    idempotent."""
     target = sql.Identifier(table.name)
     staging = sql.Identifier(f"_afterwrite_stage_{table.name}")
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
@@ -55,6 +66,19 @@ def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
             selected.append(sql.SQL("COALESCE({}, {})").format(ident, default))
     # Conflicts on the primary key: (id), or (id, created_at) for a table partitioned by time.
     key = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.primary_key.columns)
+    insert = sql.SQL(
+        "INSERT INTO {target} ({cols}) SELECT {selected} FROM {staging} "
+        "ON CONFLICT ({key}) DO NOTHING"
+    ).format(
+        target=target,
+        cols=cols,
+        selected=sql.SQL(", ").join(selected),
+        staging=staging,
+        key=key,
+    )
+    hook = _insert_hook(table)
+    if hook is not None:
+        insert = hook(insert)
     return KindSql(
         create_staging=sql.SQL(
             # CREATE TABLE AS copies column types but no NOT NULL constraints: a record may
@@ -63,15 +87,6 @@ def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
             "AS SELECT {cols} FROM {target} WITH NO DATA"
         ).format(staging=staging, target=target, cols=cols),
         copy=sql.SQL("COPY {staging} ({cols}) FROM STDIN").format(staging=staging, cols=cols),
-        insert=sql.SQL(
-            "INSERT INTO {target} ({cols}) SELECT {selected} FROM {staging} "
-            "ON CONFLICT ({key}) DO NOTHING"
-        ).format(
-            target=target,
-            cols=cols,
-            selected=sql.SQL(", ").join(selected),
-            staging=staging,
-            key=key,
-        ),
+        insert=insert,
         clear_staging=sql.SQL("TRUNCATE {staging}").format(staging=staging),
     )
