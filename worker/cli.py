@@ -377,8 +377,11 @@ def bench(
 def _register_subcommands() -> None:
     # Commands that live in their own modules (they import this one for _settings/_fail).
     from worker.cli_stats import stats_cmd
+    from worker.cli_transfer import export_cmd, import_cmd
 
     main.add_command(stats_cmd)
+    main.add_command(export_cmd)
+    main.add_command(import_cmd)
 
 
 _register_subcommands()
