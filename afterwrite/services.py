@@ -91,6 +91,9 @@ def _redis_version(url: str, timeout_s: float) -> tuple[int, ...] | None:
         )
         with client:
             info = client.info("server")
+            # INFO is answered while the AOF/RDB is still loading; other commands get LOADING.
+            if int(client.info("persistence").get("loading", 0)):
+                return None
     except (redis.RedisError, OSError):
         return None
     return tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])

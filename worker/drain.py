@@ -255,7 +255,9 @@ class KindDrain:
             if claimed:
                 report.add(self.process(claimed))
         for p in suspects:
-            if self._stopping():
+            # One at a time is slow: stop within the budget (the task's soft time limit is
+            # drain_budget_s + batch_timeout_s) and leave the rest to the next reclaim.
+            if self._stopping() or self._clock() - started >= self.settings.drain_budget_s:
                 break
             claimed = self.stream.claim([p], min_idle_ms)
             if claimed:

@@ -80,7 +80,10 @@ class Runtime:
 
     def failed(self) -> float:
         self._backoff.failures += 1
-        delay = compute_backoff_s(self._backoff.failures)
+        # Never back off so long that another worker's reclaim takes over (and counts a
+        # delivery of) the batch this worker is only waiting to retry.
+        cap_s = min(30.0, self.settings.reclaim_idle_s / 2)
+        delay = compute_backoff_s(self._backoff.failures, max_backoff_s=cap_s)
         self._backoff.until = time.monotonic() + delay
         return delay
 

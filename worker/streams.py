@@ -62,18 +62,41 @@ class Stream:
     def read(self, count: int, *, own_pending: bool = False) -> list[Entry]:
         """Up to ``count`` entries: new ones, or (``own_pending``) this consumer's unacknowledged
         ones, which a failed batch of this process left behind."""
-        reply: Any = self.conn.xreadgroup(
-            self.group, self.consumer, {self.key: "0" if own_pending else ">"}, count=count
-        )
+        if own_pending:
+            return self._own_pending(count)
+        reply: Any = self.conn.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=count)
         if not reply:
             return []
         return _entries(reply[0][1])
+
+    def _own_pending(self, count: int) -> list[Entry]:
+        """This consumer's unacknowledged entries, re-read without counting a delivery.
+
+        A batch that failed on a transient error is retried, not redelivered: XREADGROUP with an
+        explicit id would add one to each entry's delivery count per retry, and after a few
+        retries a reclaim (crash, rollout) would dead-letter good entries as too_many_deliveries.
+        XCLAIM JUSTID to ourselves resets their idle time without counting a delivery.
+        """
+        rows: Any = self.conn.xpending_range(
+            self.key, self.group, min="-", max="+", count=count, consumername=self.consumer
+        )
+        if not rows:
+            return []
+        ids = [r["message_id"] for r in rows]
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.xclaim(self.key, self.group, self.consumer, 0, ids, justid=True)
+        for eid in ids:
+            pipe.xrange(self.key, eid, eid)
+        replies = pipe.execute()
+        raw = [found[0] for found in replies[1:] if found]
+        deliveries = {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
+        return _entries(raw, deliveries)
 
     def ack(self, ids: Sequence[str]) -> None:
         """Acknowledge and delete ``ids`` in one round trip (only after their batch committed)."""
         if not ids:
             return
-        pipe = self.conn.pipeline(transaction=False)
+        pipe = self.conn.pipeline(transaction=True)  # MULTI/EXEC: both or neither
         pipe.xack(self.key, self.group, *ids)
         pipe.xdel(self.key, *ids)
         pipe.execute()

@@ -58,7 +58,10 @@ def _guarded(kind: str, action: str, work: Callable[[Runtime], dict[str, Any]]) 
             extra={"action": action, "kind": kind, "failure": "transient"},
         )
         return {"kind": kind, "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}
-    rt.succeeded()
+    # Only a committed batch shows that Redis and PostgreSQL both work again: a reclaim that
+    # found nothing idle, or a drain with nothing to do, must not reset the backoff.
+    if result.get("batches", 0) > 0:
+        rt.succeeded()
     return result
 
 
@@ -67,6 +70,7 @@ def drain(kind: str) -> dict[str, Any]:
     """Drain ``kind``'s stream until caught up or out of budget (at most N drainers/stream)."""
 
     def work(rt: Runtime) -> dict[str, Any]:
+        kinds.get(kind)  # an unknown kind fails before anything touches Redis or PostgreSQL
         s = rt.settings
         ttl_ms = int((s.drain_budget_s + 2 * s.batch_timeout_s) * 1000)
         slot = slots.acquire(

@@ -18,7 +18,7 @@ from afterwrite.settings import Settings
 from tests.helpers import wait_for
 from worker import processes, traffic
 from worker.runtime import Runtime
-from worker.shutdown import child_pids
+from worker.shutdown import DUPLICATE_WINDOW_S, child_pids
 from worker.streams import Stream
 
 pytestmark = pytest.mark.acceptance
@@ -84,7 +84,7 @@ def test_second_sigterm_abandons_the_batch_and_hands_it_back(
     tmp_path: Path,
 ) -> None:
     _preload(rdb, settings, BACKLOG)
-    env = {**long_drain_env, "AFTERWRITE_BATCH_MAX_ENTRIES": "20000"}  # ~1 s per batch
+    env = {**long_drain_env, "AFTERWRITE_BATCH_MAX_ENTRIES": "50000"}  # seconds per batch
     key = wire.stream_key(settings.stream_prefix, "query")
     Stream(rdb, key, settings.consumer_group, "test").ensure_group()
     worker = processes.start_worker(env, tmp_path, concurrency=1)
@@ -98,6 +98,7 @@ def test_second_sigterm_abandons_the_batch_and_hands_it_back(
             what="a batch in flight",
         )
         os.kill(child, signal.SIGTERM)
+        time.sleep(DUPLICATE_WINDOW_S + 0.1)  # a second request, not the same one twice
         os.kill(child, signal.SIGTERM)
         time.sleep(1)
     finally:
@@ -121,3 +122,29 @@ def test_second_sigterm_abandons_the_batch_and_hands_it_back(
         rt.close()
     ids = pg.execute("SELECT count(*), count(DISTINCT id) FROM query_history").fetchone()
     assert ids == (BACKLOG, BACKLOG)
+
+
+def test_sigterm_to_the_whole_group_still_finishes_the_batch(
+    settings: Settings,
+    long_drain_env: dict[str, str],
+    rdb: redis.Redis,
+    pg: psycopg.Connection[Any],
+    tmp_path: Path,
+) -> None:
+    # systemd (KillMode=control-group) and `kill -- -PGID` signal every process: the child
+    # gets SIGTERM directly and again forwarded by the main process, which is one request.
+    _preload(rdb, settings, BACKLOG)
+    worker = processes.start_worker(long_drain_env, tmp_path, concurrency=1)
+    beat = processes.start_beat(long_drain_env, tmp_path)
+    try:
+        wait_for(lambda: _rows(pg) > 0, timeout_s=60, what="the drain to start")
+        beat.stop()
+        worker.kill_group(signal.SIGTERM)
+        worker.proc.wait(timeout=30)
+    finally:
+        beat.stop()
+        worker.stop()
+    key = wire.stream_key(settings.stream_prefix, "query")
+    assert "abandoning" not in worker.tail(100_000)
+    assert rdb.xpending(key, settings.consumer_group)["pending"] == 0
+    assert _rows(pg) + int(rdb.xlen(key)) == BACKLOG
