@@ -31,7 +31,8 @@ class Answer(BaseModel):
     answer: str
     event_id: str
     recorded: str
-    """``sent`` when Redis took the record; ``failed`` / ``over_cap`` / ``invalid`` otherwise."""
+    """``sent`` (Redis took it), ``buffered`` (background mode), ``spilled`` (on local disk,
+    replayed when Redis is back), ``dropped`` or ``invalid``."""
 
 
 def create_app(client: AsyncClient | None = None, *, latency_ms: float | None = None) -> FastAPI:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from afterwrite.ids import uuid7_str
@@ -68,3 +68,23 @@ class RecordMethods(ABC, Generic[R]):
         record = dict(payload)
         record.setdefault("id", uuid7_str())
         return self._record(kind, record)
+
+    def record_metric(
+        self,
+        name: str,
+        value: float,
+        tags: Mapping[str, str] | None = None,
+        ts: datetime | None = None,
+    ) -> R:
+        """Record one metric point (kind ``metric``): workers store it and fold it into
+        per-minute rollups (count, sum, min, max, quantile sketch). ``ts`` defaults to now.
+        Non-finite values and bad names or tags are dead-lettered by the worker."""
+        record: dict[str, Any] = {
+            "id": uuid7_str(),
+            "created_at": ts if ts is not None else datetime.now(UTC),
+            "name": name,
+            "value": value,
+        }
+        if tags:
+            record["tags"] = dict(tags)
+        return self._record("metric", record)

@@ -1,12 +1,19 @@
-"""The synchronous producer used in request handlers (direct mode).
+"""The synchronous producer used in request handlers.
 
-``record_*`` never raises for Redis trouble and never blocks longer than about two socket
-timeouts (connect + command, ``AFTERWRITE_PRODUCER_TIMEOUT_MS`` each) on the first failing call,
-then returns at once while Redis stays away (see :mod:`producer.gate`). Its result is the event
-id; ``receipt.outcome`` says whether Redis took the entry.
+``record_*`` never raises for Redis trouble and returns within its budget whatever Redis does:
 
-Seam for later modes: everything that talks to Redis is :meth:`Client._send`; a background
-buffer or a spill journal replaces or wraps it without touching the ``record_*`` methods.
+- **direct** mode (``AFTERWRITE_PRODUCER_MODE=direct``, the default): one XADD per call, on the
+  caller's thread, bounded by the socket timeouts (``AFTERWRITE_PRODUCER_TIMEOUT_MS`` for connect
+  and for the command) on the first failing call, then answered at once while Redis stays away
+  (see :mod:`producer.gate`). ``receipt.outcome`` is SENT when Redis has the entry.
+- **background** mode: the call encodes the record and appends it to a bounded buffer
+  (microseconds; outcome BUFFERED); a thread sends batches (:mod:`producer.pump`).
+
+What Redis cannot take (unreachable, slower than the budget, stream over its cap, or the
+background buffer full) goes to the spill journal on local disk (outcome SPILLED) and is
+replayed when Redis takes entries again, by this process or a later one using the same spill
+directory; if the journal cannot keep it either, it is DROPPED and counted. See
+:class:`producer.records.ProducerStats` for the counters.
 """
 
 from __future__ import annotations
@@ -19,11 +26,19 @@ from redis.retry import Retry
 
 from afterwrite import wire
 from afterwrite.settings import Settings, load_settings
+from producer import lifecycle
 from producer.api import RecordMethods
+from producer.buffer import Buffer
 from producer.gate import Gate
+from producer.pump import Pump, spill_or_drop
 from producer.records import Outcome, ProducerStats, Receipt
+from producer.sender import REDIS_ERRORS, BatchSender
+from producer.wiring import fresh_connection, has_segments, open_journal
 
-REDIS_ERRORS = (redis.RedisError, OSError)
+__all__ = ["REDIS_ERRORS", "Client", "redis_options"]
+
+# How much longer than the flush timeout close() waits for the thread's last round trip.
+_JOIN_MARGIN_S = 1.0
 
 
 def redis_options(settings: Settings) -> dict[str, Any]:
@@ -39,29 +54,81 @@ def redis_options(settings: Settings) -> dict[str, Any]:
 
 
 class Client(RecordMethods[Receipt]):
-    """Records go straight to Redis with one XADD each. Thread-safe."""
+    """Thread-safe and fork-safe. Build one per process (or before forking) and share it."""
 
     def __init__(self, connection: redis.Redis, settings: Settings) -> None:
         self._redis = connection
         self._settings = settings
+        self._prefix = settings.stream_prefix
         self._gate = Gate(
             max_entries=settings.stream_max_entries,
             cap_check_interval_s=settings.producer_cap_check_interval_s,
         )
         self.stats = ProducerStats()
+        self._journal = open_journal(settings, connection.connection_pool.connection_kwargs)
+        self._buffer: Buffer | None = None
+        if settings.producer_mode == "background":
+            self._buffer = Buffer(
+                max_entries=settings.producer_buffer_max_entries,
+                batch_entries=settings.producer_flush_max_entries,
+                interval_s=settings.producer_flush_interval_ms / 1000,
+            )
+            self.stats.gauge("buffered", self._buffer.pending)
+            self.stats.count_buffered_with(self._buffer.handed)
+        self._sender = self._make_sender()
+        self._pump = Pump(
+            owner=self,
+            buffer=self._buffer,
+            sender=self._sender,
+            gate=self._gate,
+            journal=self._journal,
+            stats=self.stats,
+            batch_entries=settings.producer_flush_max_entries,
+            replay_interval_s=settings.spill_replay_interval_s,
+        )
+        self._closed = False
+        lifecycle.register(self)
+        if self._buffer is not None or (
+            self._journal is not None and has_segments(self._journal.directory)
+        ):
+            self._pump.ensure_started()
 
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> Client:
-        """A client configured from ``AFTERWRITE_*`` variables (validated; SettingsError if bad)."""
+        """A client configured from ``AFTERWRITE_*`` variables (validated; SettingsError if bad),
+        in the mode ``AFTERWRITE_PRODUCER_MODE`` names."""
         settings = settings or load_settings()
         conn = redis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
         return cls(conn, settings)
 
+    @property
+    def mode(self) -> str:
+        return "background" if self._buffer is not None else "direct"
+
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Direct mode holds nothing back; True. (Background mode waits for its buffer.)"""
-        return True
+        """Wait until every record handed in before this call was sent to Redis, spilled, or
+        (journal full) dropped and counted; False if that took longer than ``timeout_s``.
+        Direct mode holds nothing back: True at once."""
+        if self._buffer is None:
+            return True
+        self._pump.ensure_started()
+        return self._buffer.flush(timeout_s)
 
     def close(self) -> None:
+        """Flush (up to ``producer_exit_flush_timeout_s``), spill what is still buffered, stop
+        the thread, close the journal and the connection. Idempotent; also run at exit."""
+        if self._closed:
+            return
+        self._closed = True
+        lifecycle.unregister(self)
+        timeout_s = self._settings.producer_exit_flush_timeout_s
+        if self._buffer is not None and not self.flush(timeout_s):
+            left = self._buffer.take_all()
+            spill_or_drop(self._journal, self.stats, left, "failed")
+            self._buffer.settle(len(left))
+        self._pump.stop(timeout_s + _JOIN_MARGIN_S)
+        if self._journal is not None:
+            self._journal.close()
         self._redis.close()
 
     def __enter__(self) -> Client:
@@ -70,6 +137,7 @@ class Client(RecordMethods[Receipt]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- the hot path -------------------------------------------------------------------------
     def _record(self, kind: str, record: dict[str, Any]) -> Receipt:
         event_id = str(record["id"])
         try:
@@ -77,22 +145,71 @@ class Client(RecordMethods[Receipt]):
         except wire.EncodeError:
             outcome = Outcome.INVALID
         else:
-            outcome = self._send(wire.stream_key(self._settings.stream_prefix, kind), entry)
+            if self._buffer is None or self._closed:  # after close(): no flusher, send now
+                outcome = self._send(kind, entry)
+            else:
+                outcome = self._enqueue(kind, entry)
+                if outcome is Outcome.BUFFERED:  # counted by the buffer
+                    return Receipt(event_id, outcome)
         self.stats.count(outcome)
         return Receipt(event_id, outcome)
 
-    def _send(self, stream: str, entry: bytes) -> Outcome:
+    def _enqueue(self, kind: str, entry: bytes) -> Outcome:
+        assert self._buffer is not None
+        if not self._pump.running:
+            self._pump.ensure_started()  # first use after a fork
+        if self._buffer.put((kind, entry)):
+            return Outcome.BUFFERED
+        return self._spill(kind, entry, "buffer_full")
+
+    def _send(self, kind: str, entry: bytes) -> Outcome:
+        stream = wire.stream_key(self._prefix, kind)
         refused, check_length = self._gate.admit(stream)
-        if refused is not None:
-            return refused
-        try:
-            if check_length:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.xadd(stream, {wire.PAYLOAD_FIELD: entry})
-                pipe.xlen(stream)
-                _, length = pipe.execute()
-                return self._gate.sent(stream, int(length))
-            self._redis.xadd(stream, {wire.PAYLOAD_FIELD: entry})
-            return self._gate.sent(stream, None)
-        except REDIS_ERRORS as exc:
-            return self._gate.failed(exc)
+        if refused is None:
+            try:
+                if check_length:
+                    # Once per cap_check_interval_s: add only if the stream has room (one
+                    # round trip, like the XADD it replaces), and learn its length.
+                    added, length = self._sender.add(stream, [entry], one_round_trip=True)
+                    if added:
+                        return self._gate.sent(stream, length)
+                    refused = self._gate.over_cap(stream)
+                else:
+                    self._redis.xadd(stream, {wire.PAYLOAD_FIELD: entry})
+                    return self._gate.sent(stream, None)
+            except REDIS_ERRORS as exc:
+                refused = self._gate.failed(exc)
+        return self._spill(kind, entry, refused.value)
+
+    def _spill(self, kind: str, entry: bytes, reason: str) -> Outcome:
+        """Counts the reason; the caller's stats.count(outcome) counts spilled/dropped."""
+        self.stats.add(reason)
+        if self._journal is not None and self._journal.append(kind, entry):
+            if not self._pump.running:
+                self._pump.ensure_started()  # to replay it
+            return Outcome.SPILLED
+        return Outcome.DROPPED
+
+    # --- process lifecycle (producer.lifecycle) -----------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        self._gate.reset_after_fork()
+        self.stats.reset_after_fork()
+        if self._buffer is not None:
+            self._buffer.reset_after_fork()
+        if self._journal is not None:
+            self._journal.reset_after_fork()
+        # New connections (and the script registered on them): see fresh_connection.
+        self._redis = fresh_connection(self._redis)
+        self._sender = self._make_sender()
+        self._pump.reset_after_fork(self._sender)
+
+    def _at_exit(self) -> None:
+        self.close()
+
+    def _make_sender(self) -> BatchSender:
+        return BatchSender(
+            self._redis,
+            self._gate,
+            prefix=self._prefix,
+            max_entries=self._settings.stream_max_entries,
+        )

@@ -51,24 +51,57 @@ class Gate:
         """After Redis took the entry. ``length`` is the stream length when it was read; over
         the cap, later calls stop adding (this one's entry is already in: the cap is soft)."""
         with self._lock:
-            if self._failing:
-                self._failing = False
-                log.info("redis reachable again; producer sending", extra={"action": "recover"})
+            self._recovered_locked()
             if length is not None:
                 self._cap_checked_at[stream] = self._clock()
                 if length > self._max_entries:
-                    if stream not in self._over_cap:
-                        log.warning(
-                            "stream %s over its cap (%d > %d); not adding until it drains",
-                            stream,
-                            length,
-                            self._max_entries,
-                            extra={"action": "over_cap"},
-                        )
-                    self._over_cap.add(stream)
+                    self._mark_over_cap(stream, f"{length} > {self._max_entries}")
                 else:
                     self._over_cap.discard(stream)
         return Outcome.SENT
+
+    def over_cap(self, stream: str) -> Outcome:
+        """Redis refused entries because ``stream`` is full (a batch send found no room): later
+        sends stop until the next cap check."""
+        with self._lock:
+            self._cap_checked_at[stream] = self._clock()
+            self._mark_over_cap(stream, f"at its cap of {self._max_entries}")
+        return Outcome.OVER_CAP
+
+    def _mark_over_cap(self, stream: str, detail: str) -> None:
+        if stream not in self._over_cap:
+            log.warning(
+                "stream %s over its cap (%s); not adding until it drains",
+                stream,
+                detail,
+                extra={"action": "over_cap"},
+            )
+        self._over_cap.add(stream)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (a parent thread may have held this one)."""
+        self._lock = threading.Lock()
+
+    @property
+    def failing(self) -> bool:
+        """Redis failed and has not taken anything since."""
+        return self._failing
+
+    def reachable(self) -> None:
+        """Redis answered (a probe): end the outage."""
+        with self._lock:
+            self._recovered_locked()
+
+    def _recovered_locked(self) -> None:
+        if self._failing:
+            self._failing = False
+            self._shut_until = 0.0
+            log.info("redis reachable again; producer sending", extra={"action": "recover"})
+
+    @property
+    def shut(self) -> bool:
+        """Redis failed recently: do not try it before the back-off ends."""
+        return self._clock() < self._shut_until
 
     def failed(self, exc: BaseException) -> Outcome:
         with self._lock:

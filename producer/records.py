@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,12 +12,26 @@ from afterwrite.ids import uuid7_str
 
 
 class Outcome(enum.Enum):
+    """What happened to one record. A ``record_*`` call reports SENT, BUFFERED, SPILLED, DROPPED
+    or INVALID; FAILED and OVER_CAP are the reasons Redis did not take an entry (the entry was
+    then spilled or dropped) and are counted, not returned."""
+
     SENT = "sent"
     """Redis accepted the entry; a worker will store it."""
+    BUFFERED = "buffered"
+    """Background mode: in this process's buffer; the flusher sends it within
+    ``producer_flush_interval_ms`` or spills it (or, the journal full, drops and counts it).
+    Lost only if the process dies without exiting (SIGKILL, OOM kill) before that."""
+    SPILLED = "spilled"
+    """Written to the local spill journal; replayed into Redis when it can take it again, by
+    this process or a later one using the same spill directory. Survives the process dying."""
+    DROPPED = "dropped"
+    """Neither Redis nor the spill journal could take it (journal full, disabled or unwritable):
+    lost, and counted."""
     FAILED = "failed"
-    """Redis was unreachable, too slow, or refused; the record was not handed over."""
+    """Reason: Redis was unreachable, too slow, or refused."""
     OVER_CAP = "over_cap"
-    """The kind's stream is over ``AFTERWRITE_STREAM_MAX_ENTRIES``; the record was not added."""
+    """Reason: the kind's stream is over ``AFTERWRITE_STREAM_MAX_ENTRIES``."""
     INVALID = "invalid"
     """The record could not be encoded (e.g. a lone surrogate in a string)."""
 
@@ -27,7 +40,7 @@ class Receipt(str):
     """The event id (a UUIDv7 string, the row's primary key) plus what happened to the record.
 
     It *is* the id string, so ``event_id = client.record_query(...)`` works as documented;
-    ``receipt.outcome`` / ``receipt.delivered`` tell whether Redis took it.
+    ``receipt.outcome`` tells what happened; ``receipt.accepted`` whether the row will arrive.
     """
 
     __slots__ = ("outcome",)
@@ -40,27 +53,96 @@ class Receipt(str):
 
     @property
     def delivered(self) -> bool:
+        """Redis has the entry now."""
         return self.outcome is Outcome.SENT
 
+    @property
+    def accepted(self) -> bool:
+        """The entry is on its way to PostgreSQL: sent, buffered or spilled."""
+        return self.outcome in _ACCEPTED
 
-@dataclass
+
+_ACCEPTED = frozenset({Outcome.SENT, Outcome.BUFFERED, Outcome.SPILLED})
+
+# The counter a call's outcome bumps; BUFFERED ones are counted when the flusher settles them.
+_CALL_COUNTER = {
+    Outcome.SENT: "sent",
+    Outcome.BUFFERED: None,
+    Outcome.SPILLED: "spilled",
+    Outcome.DROPPED: "dropped",
+    Outcome.INVALID: "invalid",
+}
+
+COUNTERS = (
+    "recorded",
+    "sent",
+    "spilled",
+    "replayed",
+    "dropped",
+    "invalid",
+    "failed",
+    "over_cap",
+    "buffer_full",
+)
+
+
 class ProducerStats:
-    """Counters a producer keeps; read them with ``client.stats.snapshot()``."""
+    """Counters a producer keeps; read them with ``client.stats.snapshot()``. Thread-safe.
 
-    sent: int = 0
-    failed: int = 0
-    over_cap: int = 0
-    invalid: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    - ``recorded``: ``record_*`` calls. ``sent``: entries Redis took on their first try.
+      ``spilled``: entries written to the spill journal. ``replayed``: journal entries Redis took
+      later (also ones an earlier process left). ``dropped``: entries lost, ``invalid``: not
+      encodable.
+    - Why entries were spilled or dropped: ``failed`` (Redis unreachable, slow or refusing),
+      ``over_cap`` (stream over its cap), ``buffer_full`` (background buffer full).
+    - ``buffered`` (a gauge, not a counter): entries in the background buffer right now.
+
+    Once nothing is buffered: ``recorded == sent + spilled + dropped + invalid`` and
+    ``failed + over_cap + buffer_full == spilled + dropped``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._gauges: dict[str, Callable[[], int]] = {}
+        self._recorded_elsewhere: Callable[[], int] | None = None
 
     def count(self, outcome: Outcome) -> None:
+        """One ``record_*`` call ended with ``outcome``."""
+        name = _CALL_COUNTER.get(outcome)
         with self._lock:
-            name = outcome.value
-            setattr(self, name, getattr(self, name) + 1)
+            self._counts["recorded"] += 1
+            if name is not None:
+                self._counts[name] += 1
+
+    def add(self, name: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self._counts[name] += n
+
+    def count_buffered_with(self, handed: Callable[[], int]) -> None:
+        """BUFFERED calls are not counted here (a lock per call saved on the hot path):
+        ``handed()`` (the buffer's own count) is added to ``recorded`` in snapshots."""
+        self._recorded_elsewhere = handed
+
+    def gauge(self, name: str, read: Callable[[], int]) -> None:
+        """Report ``read()`` (an int) as ``name`` in snapshots."""
+        self._gauges[name] = read
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {o.value: getattr(self, o.value) for o in Outcome}
+            out = dict(self._counts)
+        if self._recorded_elsewhere is not None:
+            out["recorded"] += self._recorded_elsewhere()
+        for name, read in self._gauges.items():
+            out[name] = read()
+        return out
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held) and zero counts;
+        the child's counters describe the child."""
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)
 
 
 def query_record(
@@ -85,17 +167,26 @@ def query_record(
         "created_at": created_at or datetime.now(UTC),
         "query": query,
     }
-    optional: dict[str, Any] = {
-        "response": response,
-        "user_id": user_id,
-        "session_id": session_id,
-        "mode": mode,
-        "model_ids": list(model_ids) if model_ids is not None else None,
-        "response_time_ms": response_time_ms,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "retrieval": retrieval,
-        "metadata": metadata,
-    }
-    record.update((k, v) for k, v in optional.items() if v is not None)
+    # One test per field: the hot path builds this for every call (a generator over a dict of
+    # the optional fields cost three times as much).
+    if response is not None:
+        record["response"] = response
+    if user_id is not None:
+        record["user_id"] = user_id
+    if session_id is not None:
+        record["session_id"] = session_id
+    if mode is not None:
+        record["mode"] = mode
+    if model_ids is not None:
+        record["model_ids"] = list(model_ids)
+    if response_time_ms is not None:
+        record["response_time_ms"] = response_time_ms
+    if prompt_tokens is not None:
+        record["prompt_tokens"] = prompt_tokens
+    if completion_tokens is not None:
+        record["completion_tokens"] = completion_tokens
+    if retrieval is not None:
+        record["retrieval"] = retrieval
+    if metadata is not None:
+        record["metadata"] = metadata
     return record

@@ -92,6 +92,9 @@ def base_env(endpoints: Endpoints) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERWRITE_")}
     env["AFTERWRITE_DATABASE_URL"] = endpoints.database_url
     env["AFTERWRITE_REDIS_URL"] = endpoints.redis_url
+    # the session's database carries the example kind's revision: every process must know it
+    env["AFTERWRITE_IMPORTS"] = "examples.agent_steps.model"
+    env["AFTERWRITE_MIGRATION_DIRS"] = str(EXAMPLE_MIGRATIONS)
     return env
 
 

@@ -29,7 +29,7 @@ import migrations
 from afterwrite import wire
 from afterwrite.services import PrivateServices, ensure_database, local_endpoints
 from afterwrite.settings import Settings
-from producer import Client, Outcome
+from producer import Client
 from worker import processes, traffic
 
 DEMO_DATABASE = "afterwrite_demo"
@@ -120,9 +120,9 @@ def run_demo(
                 else DEMO_STREAM_PREFIX,
             }
         )
-        migrations.upgrade(demo_settings.sqlalchemy_url())
+        migrations.upgrade(demo_settings.sqlalchemy_url(), extra_dirs=settings.migration_dirs)
         console.print("schema migrated")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERWRITE_")}
+        env = dict(os.environ)  # the user's other settings (imports, tunables) apply too
         env.update(
             AFTERWRITE_DATABASE_URL=ep.database_url,
             AFTERWRITE_REDIS_URL=ep.redis_url,
@@ -176,7 +176,7 @@ def _traffic(
             start = time.perf_counter_ns()
             receipt = client.record_query(**kwargs)
             latencies_us.append((time.perf_counter_ns() - start) / 1000)
-            failed += receipt.outcome is not Outcome.SENT
+            failed += not receipt.accepted
             progress.advance(sent_task)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + 0.5
@@ -248,14 +248,15 @@ def _update(
 def _wait_for_worker(
     r: redis.Redis, stream: str, started: list[processes.Process], console: Console
 ) -> bool:
-    """Until a drain has joined the stream's consumer group (the worker is up and beat kicks it)."""
+    """Until a drain has created the stream's consumer group: the worker is up and beat kicks
+    it. (Not "a consumer exists": Redis adds consumers only once they read an entry.)"""
     deadline = time.monotonic() + 90
     with console.status("waiting for the worker to start…"):
         while time.monotonic() < deadline:
             if not all(p.alive() for p in started):
                 return False
             try:
-                if any(int(g["consumers"]) > 0 for g in r.xinfo_groups(stream)):
+                if r.xinfo_groups(stream):
                     return True
             except redis.ResponseError:
                 pass  # no stream yet: the first drain creates it

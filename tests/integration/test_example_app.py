@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -174,9 +175,10 @@ def test_fastapi_rejects_a_request_without_a_query(settings: Settings) -> None:
     assert sum(client.stats.snapshot().values()) == 0  # nothing was recorded
 
 
-def test_fastapi_still_answers_when_redis_is_away() -> None:
-    # A port nothing listens on: the record fails fast, the user still gets the answer.
-    settings = load_settings({}, redis_url="redis://127.0.0.1:1/0")
+def test_fastapi_still_answers_when_redis_is_away(tmp_path: Path) -> None:
+    # A port nothing listens on: the record is spilled to local disk at once (to be replayed
+    # when Redis is back), and the user still gets the answer.
+    settings = load_settings({}, redis_url="redis://127.0.0.1:1/0", spill_dir=tmp_path)
 
     async def scenario() -> dict[str, Any]:
         async with (
@@ -191,7 +193,8 @@ def test_fastapi_still_answers_when_redis_is_away() -> None:
             return body
 
     body = asyncio.run(scenario())
-    assert body["recorded"] == "failed"
+    assert body["recorded"] == "spilled"
+    assert list(tmp_path.rglob("*"))  # the journal holds it
     assert body["answer"] == fakellm.complete("Still there?").text
     assert uuid.UUID(body["event_id"]).version == 7
 

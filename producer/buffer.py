@@ -1,0 +1,144 @@
+"""The background mode's bounded buffer between request threads and the flusher thread.
+
+:meth:`Buffer.put` is the hot path: one uncontended lock and a list append. It wakes the flusher
+only when a batch is full; otherwise the flusher comes by on its own every flush interval (a
+tick), so an entry waits at most one interval. (Waking it on the first entry of each batch cost
+a futex syscall, and so the latency, of that call.) It never waits for the flusher: a full
+buffer answers False at once and the caller spills the entry itself.
+:meth:`Buffer.take` is the flusher's side; :meth:`Buffer.flush` lets callers wait until every
+entry handed in so far was settled (sent, spilled or dropped).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+Item = tuple[str, bytes]
+
+
+def batch_wait_s(n: int, tick_at: float, now: float, *, batch: int, urgent: bool) -> float:
+    """How long the flusher may still wait before sending: 0 when a batch is due (a full one,
+    someone waits in flush/close, or the tick came with entries waiting), else the time to the
+    next tick (``inf`` past a tick with nothing to send: the caller sets the next tick)."""
+    if n >= batch or (n and urgent):
+        return 0.0
+    if now < tick_at:
+        return tick_at - now
+    return 0.0 if n else math.inf
+
+
+class Buffer:
+    """Thread-safe. Entries count against ``max_entries`` from :meth:`put` until settled."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        batch_entries: int,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max = max_entries
+        self._batch = batch_entries
+        self._interval_s = interval_s
+        self._clock = clock
+        self.reset_after_fork()
+
+    def reset_after_fork(self) -> None:
+        """Fresh locks and no entries: a forked child never sends its parent's entries (the
+        parent does), and a lock held by a parent thread at the fork would never be released."""
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the flusher waits here
+        self._done = threading.Condition(self._lock)  # flush() callers wait here
+        self._items: list[Item] = []
+        self._tick_at = self._clock() + self._interval_s
+        self._handed = 0
+        self._settled = 0
+        self._urgent = 0
+        self._closing = False
+
+    # --- request threads ----------------------------------------------------------------------
+    def put(self, item: Item) -> bool:
+        """Add ``item``; False (at once) if the buffer is full. Never blocks on I/O."""
+        with self._lock:
+            if self._handed - self._settled >= self._max:
+                return False
+            self._items.append(item)
+            self._handed += 1
+            if len(self._items) == self._batch:
+                self._wake.notify()
+        return True
+
+    def pending(self) -> int:
+        """Entries handed in and not yet settled."""
+        return self._handed - self._settled
+
+    def handed(self) -> int:
+        """Entries handed in since the start (or the fork)."""
+        return self._handed
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every entry handed in before this call was settled; False on timeout."""
+        with self._lock:
+            target = self._handed
+            if self._settled >= target:
+                return True
+            self._urgent += 1
+            self._wake.notify()
+            try:
+                return self._done.wait_for(lambda: self._settled >= target, timeout_s)
+            finally:
+                self._urgent -= 1
+
+    # --- the flusher --------------------------------------------------------------------------
+    def take(self, idle_s: float) -> list[Item]:
+        """The next batch if one is due, else wait (once) until it is, at most ``idle_s``;
+        ``[]`` if none is due then, or when closing. Taken entries count until :meth:`settle`."""
+        with self._lock:
+            wait = self._due_in()
+            if wait > 0 and not self._closing:
+                self._wake.wait(min(wait, idle_s))
+                wait = self._due_in()
+            if wait > 0:
+                return []
+            batch = self._items[: self._batch]
+            del self._items[: self._batch]
+            return batch
+
+    def _due_in(self) -> float:
+        now = self._clock()
+        wait = batch_wait_s(
+            len(self._items),
+            self._tick_at,
+            now,
+            batch=self._batch,
+            urgent=self._urgent > 0 or self._closing,
+        )
+        if wait == 0.0:
+            self._tick_at = now + self._interval_s
+        elif wait == math.inf:  # a tick with nothing to send: the next one
+            self._tick_at = now + self._interval_s
+            wait = self._interval_s
+        return wait
+
+    def take_all(self) -> list[Item]:
+        """Everything not yet taken (at close, for spilling); counted until settled."""
+        with self._lock:
+            items, self._items = self._items, []
+            return items
+
+    def settle(self, n: int) -> None:
+        """``n`` taken entries were sent, spilled or dropped."""
+        with self._lock:
+            self._settled += n
+            if self._urgent:
+                self._done.notify_all()
+
+    def close(self) -> None:
+        """Wake the flusher for good: :meth:`take` stops waiting."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
