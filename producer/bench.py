@@ -289,7 +289,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def print_table(result: dict[str, Any]) -> None:
+def print_table(result: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -300,4 +300,4 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column in {"measure", "note"} else "right")
     for row in table_rows(result):
         table.add_row(*row)
-    Console().print(table)
+    (console or Console()).print(table)

@@ -66,6 +66,8 @@ import psycopg
 from rich.console import Console
 
 from afterwrite.settings import Settings
+from producer.bench import measure_producer
+from producer.bench import print_table as print_producer_table
 from worker.bench_celery import measure_baseline
 from worker.bench_context import (
     BENCH_BROKER_DB,
@@ -163,6 +165,9 @@ def run_bench(
         # memory, and full collections over it would show up as hot-path latency.
         result["hot_path"] = measure_hot_path(b, calls)
         b.reset_redis()
+        # Background mode, spill cost and replay rate (producer.bench), same calls.
+        result["producer"] = measure_producer(b.settings, calls)
+        b.reset_redis()
         backlog = make_backlog(b, entries)
         ceiling = measure_ceiling(b, backlog)
         drain = measure_drain(b, backlog, entries, "backlog")
@@ -202,4 +207,5 @@ def run_bench(
     result["machine"]["load_avg_at_end"] = _load_avg()
     result["total_s"] = round(time.perf_counter() - run_started, 1)
     print_table(result, console)
+    print_producer_table(result["producer"], console)
     return result

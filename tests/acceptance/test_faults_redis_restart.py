@@ -53,9 +53,15 @@ def test_redis_restart_keeps_pending_entries_and_every_acknowledged_record(
     ).start()
     try:
         wait_for(lambda: row_count(stack.database_url) > 0, timeout_s=30, what="a first batch")
+        held: list[tuple[str, bytes]] = []
         with redis_conn(stack.redis_url) as r:
-            reply: Any = r.xreadgroup(GROUP, HOLDER, {QUERY_STREAM: ">"}, count=200)
-            held = [(eid.decode(), fields[wire.PAYLOAD_FIELD]) for eid, fields in reply[0][1]]
+            # The worker competes for new entries: keep taking until the holder has 200.
+            deadline = time.monotonic() + 20
+            while len(held) < 200 and time.monotonic() < deadline:
+                reply: Any = r.xreadgroup(GROUP, HOLDER, {QUERY_STREAM: ">"}, count=200 - len(held))
+                if reply:
+                    held += [(eid.decode(), f[wire.PAYLOAD_FIELD]) for eid, f in reply[0][1]]
+                time.sleep(0.005)
         assert len(held) == 200
         held_event_ids = {str(wire.decode(payload)["id"]) for _, payload in held}
 
