@@ -49,18 +49,6 @@ BLOCK = 100
 PAUSE_S = 0.002
 COLD_CALLS = 3
 """The first calls after a pause run with cold caches (here ~2x slower, whatever the code)."""
-_OPTIONAL = (
-    "response",
-    "user_id",
-    "session_id",
-    "mode",
-    "model_ids",
-    "response_time_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "retrieval",
-    "metadata",
-)
 
 
 def percentiles_us(samples_ns: Sequence[int]) -> dict[str, float]:
@@ -87,9 +75,7 @@ def _workload(count: int) -> list[dict[str, Any]]:
 
 
 def _encoded(kwargs: dict[str, Any]) -> bytes:
-    args: dict[str, Any] = dict.fromkeys(_OPTIONAL)
-    args.update(kwargs)
-    return wire.encode(query_record(args.pop("query"), event_id=None, created_at=None, **args))
+    return wire.encode(query_record(**kwargs))
 
 
 def _time_calls(

@@ -43,18 +43,6 @@ CONCURRENCY = 2
 _NOT_FORWARDED = frozenset(
     {"database_url", "redis_url", "broker_url", "stream_prefix", "flower_user", "flower_password"}
 )
-_QUERY_OPTIONAL = (
-    "response",
-    "user_id",
-    "session_id",
-    "mode",
-    "model_ids",
-    "response_time_ms",
-    "prompt_tokens",
-    "completion_tokens",
-    "retrieval",
-    "metadata",
-)
 
 
 class BenchError(RuntimeError):
@@ -98,10 +86,7 @@ def _env_value(value: Any) -> str:
 
 def query_record_for(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The payload ``Client.record_query(**kwargs)`` would send (fresh id and time)."""
-    args: dict[str, Any] = dict.fromkeys(_QUERY_OPTIONAL)
-    args.update(kwargs)
-    query = args.pop("query")
-    return query_record(query, event_id=None, created_at=None, **args)
+    return query_record(**kwargs)
 
 
 def progress_bar(console: Console) -> Progress:

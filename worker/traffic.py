@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
-from afterwrite.ids import uuid7_str
+from producer.records import query_record
 
 MODELS = (
     "gpt-4o",
@@ -88,7 +87,4 @@ def queries(count: int, *, seed: int = 7) -> Iterator[dict[str, Any]]:
 
 def as_record(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The stream payload ``record_query(**kwargs)`` would send (for preloading backlogs)."""
-    record = {"id": uuid7_str(), "created_at": datetime.now(UTC), **kwargs}
-    if "model_ids" in record:
-        record["model_ids"] = list(record["model_ids"])
-    return record
+    return query_record(**kwargs)
