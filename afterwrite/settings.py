@@ -156,6 +156,64 @@ class Settings(BaseSettings):
     retention_budget_s: PositiveFloat = 60.0
     """A retention run stops after this long; the next run continues."""
 
+    # --- embeddings -------------------------------------------------------------------------
+    embedding_provider: str = "auto"
+    """``local`` (the bundled offline model), ``openai`` (OpenAI or any compatible endpoint at
+    ``OPENAI_BASE_URL``), or ``auto``: ``openai`` when an API key is set, else ``local``."""
+    embedding_model: str | None = None
+    """Model id; default ``text-embedding-3-small`` (openai) or ``all-MiniLM-L6-v2-onnx-int8``
+    (local)."""
+    embedding_dimensions: Annotated[int, Field(gt=0, le=65_536)] | None = None
+    """OpenAI ``dimensions`` parameter (shortened vectors); unset: the model's own."""
+    embedding_collection_models: dict[str, str] = Field(default_factory=dict)
+    """Per-collection model, ``docs=text-embedding-3-large,faq=…``; others use the default.
+    Changing a collection's model takes ``afterwrite embeddings reembed COLLECTION``."""
+    openai_api_key: SecretStr | None = None
+    """Also read from ``OPENAI_API_KEY``."""
+    openai_base_url: str | None = None
+    """Also read from ``OPENAI_BASE_URL``: Azure, Ollama, vLLM, TEI, LM Studio, …"""
+    embedding_max_inputs: Annotated[int, Field(gt=0, le=100_000)] = 2048
+    """Inputs per provider request (OpenAI: 2,048)."""
+    embedding_max_input_tokens: Annotated[int, Field(gt=0, le=1_000_000)] = 8192
+    """Tokens per input (OpenAI: 8,192). The local model reads at most 256 word pieces."""
+    embedding_max_request_tokens: Annotated[int, Field(gt=0, le=10_000_000)] = 300_000
+    """Tokens per request, all inputs together (OpenAI: 300,000)."""
+    embedding_overlong: str = "truncate"
+    """An input over ``embedding_max_input_tokens``: ``truncate`` it to the limit, or
+    ``dead_letter`` its job. Never a failed request."""
+    embedding_concurrency: Annotated[int, Field(gt=0, le=64)] = 4
+    """Provider requests in flight at once per worker process (halved on each 429)."""
+    embedding_timeout_s: PositiveFloat = 30.0
+    """Timeout of one provider request."""
+    embedding_max_retries: Annotated[int, Field(ge=0, le=100)] = 6
+    """Retries of a request after 429, 5xx, timeouts and connection errors (honouring
+    ``Retry-After``); after the last one the batch is retried by a later run, nothing lost."""
+    embedding_batch_jobs: Annotated[int, Field(gt=0, le=100_000)] = 2048
+    """Embedding jobs taken per batch (one transaction)."""
+    embedding_interval_s: PositiveFloat = 1.0
+    """Beat kicks the embedding stage this often."""
+
+    # --- indexes ----------------------------------------------------------------------------
+    index_dir: Path | None = None
+    """FAISS index directory, one sub-directory per collection (default ``<data_dir>/indexes``).
+    Readers in other processes point ``IndexReader`` at the same directory."""
+    index_rebuild_interval_s: PositiveFloat = 60.0
+    """Beat checks each collection this often and rebuilds it when it changed."""
+    index_refresh_interval_s: PositiveFloat = 2.0
+    """How often vectors committed since the last build are published for readers (freshness)."""
+    index_keep_versions: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Published versions kept per collection (for rollback)."""
+    index_factory: dict[str, str] = Field(default_factory=dict)
+    """Per-collection FAISS factory string override, ``docs=IVF1024,Flat``; others are chosen
+    by size."""
+    index_exact_max_vectors: PositiveInt = 50_000
+    """Collections up to this size get exact search; larger ones IVF."""
+    index_memory_budget_mb: PositiveInt = 4096
+    """Memory a built index may take; chooses a compressed index when flat vectors exceed it."""
+    index_recall_floor: Annotated[float, Field(ge=0, le=1)] = 0.9
+    """A build whose recall@10 against exact search (on a sample) is below this is not
+    published."""
+
     # --- flower -----------------------------------------------------------------------------
     flower_user: str | None = None
     flower_password: SecretStr | None = None
@@ -189,18 +247,29 @@ class Settings(BaseSettings):
             raise ValueError("has no host")
         return v
 
+    @field_validator("embedding_provider")
+    @classmethod
+    def _check_provider(cls, v: str) -> str:
+        if v not in {"auto", "local", "openai"}:
+            raise ValueError("must be 'auto', 'local' or 'openai'")
+        return v
+
+    @field_validator("embedding_overlong")
+    @classmethod
+    def _check_overlong(cls, v: str) -> str:
+        if v not in {"truncate", "dead_letter"}:
+            raise ValueError("must be 'truncate' or 'dead_letter'")
+        return v
+
+    @field_validator("embedding_collection_models", "index_factory", mode="before")
+    @classmethod
+    def _parse_mapping(cls, v: Any) -> Any:
+        return _pairs(v, "collection=value")
+
     @field_validator("retention_days", mode="before")
     @classmethod
     def _parse_retention(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            return v
-        out: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in v.split(","))):
-            kind, sep, days = item.partition("=")
-            if not sep:
-                raise ValueError(f"{item!r}: expected kind=days, e.g. query=90")
-            out[kind.strip()] = days.strip()
-        return out
+        return _pairs(v, "kind=days, e.g. query=90")
 
     @field_validator("retention_days")
     @classmethod
@@ -287,6 +356,29 @@ class Settings(BaseSettings):
             raise SettingsError(f"{ENV_PREFIX}DATABASE_URL is not set (a postgresql:// URL)")
         return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
+    @property
+    def index_path(self) -> Path:
+        """The index directory: ``index_dir``, else ``<data_dir>/indexes``."""
+        return self.index_dir if self.index_dir is not None else self.data_dir / "indexes"
+
+    @property
+    def resolved_embedding_provider(self) -> str:
+        """``local`` or ``openai`` (``auto`` resolved by whether an API key is set)."""
+        if self.embedding_provider != "auto":
+            return self.embedding_provider
+        return "openai" if self.openai_api_key is not None else "local"
+
+    def collection_model(self, collection: str) -> str:
+        """The embedding model configured for ``collection``."""
+        model = self.embedding_collection_models.get(collection)
+        if model:
+            return model
+        if self.embedding_model:
+            return self.embedding_model
+        if self.resolved_embedding_provider == "openai":
+            return "text-embedding-3-small"
+        return "all-MiniLM-L6-v2-onnx-int8"
+
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise SettingsError(f"{ENV_PREFIX}REDIS_URL is not set (a redis:// URL)")
@@ -296,6 +388,23 @@ class Settings(BaseSettings):
         """The database URL with the psycopg 3 driver named, for SQLAlchemy and Alembic."""
         url = self.require_database_url()
         return "postgresql+psycopg://" + url.split("://", 1)[1]
+
+
+def _pairs(v: Any, expected: str) -> Any:
+    """``a=1,b=2`` → ``{"a": "1", "b": "2"}``; anything else is left to pydantic."""
+    if not isinstance(v, str):
+        return v
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in v.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected {expected}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# The OpenAI client's own variables, read when the AFTERWRITE_ ones are not set.
+_FALLBACK_ENV = {"openai_api_key": "OPENAI_API_KEY", "openai_base_url": "OPENAI_BASE_URL"}
 
 
 def _env_name(field: str) -> str:
@@ -323,6 +432,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values: dict[str, Any] = {
         f: env[_env_name(f)] for f in Settings.model_fields if _env_name(f) in env
     }
+    for field, name in _FALLBACK_ENV.items():
+        if field not in values and env.get(name):
+            values[field] = env[name]
     values.update(overrides)
     settings: Settings | None = None
     try:

@@ -5,6 +5,7 @@ Importing this package registers the built-in kinds.
 
 from models.base import Base
 from models.dead_letter import DeadLetter
+from models.embedding import Embedding, EmbeddingCache, EmbeddingJob
 from models.metric import MetricPoint, MetricRollup
 from models.query_history import QueryHistory
 from models.registry import Kind, KindRegistry, UnknownKindError, kinds, register_kind
@@ -12,6 +13,9 @@ from models.registry import Kind, KindRegistry, UnknownKindError, kinds, registe
 __all__ = [
     "Base",
     "DeadLetter",
+    "Embedding",
+    "EmbeddingCache",
+    "EmbeddingJob",
     "Kind",
     "KindRegistry",
     "MetricPoint",
