@@ -22,8 +22,14 @@ COPY examples ./examples
 RUN pip install ".[examples]"
 
 # Least privilege: the code belongs to root; every process runs as this unprivileged user.
-RUN useradd --system --uid 10001 --user-group --no-create-home afterwrite
+RUN useradd --system --uid 10001 --user-group --no-create-home afterwrite \
+    && mkdir -p /var/lib/afterwrite/indexes \
+    && chown -R afterwrite:afterwrite /var/lib/afterwrite
+# FAISS indexes: written by the worker, read by the web app (a volume shared by both in
+# docker-compose; a named volume takes this directory's owner on first use).
+ENV AFTERWRITE_DATA_DIR=/var/lib/afterwrite \
+    AFTERWRITE_INDEX_DIR=/var/lib/afterwrite/indexes
 USER afterwrite
 
-EXPOSE 8000 5555
+EXPOSE 8000 5555 9808
 CMD ["afterwrite", "worker"]

@@ -192,6 +192,9 @@ class Settings(BaseSettings):
     """Embedding jobs taken per batch (one transaction)."""
     embedding_interval_s: PositiveFloat = 1.0
     """Beat kicks the embedding stage this often."""
+    embedding_workers: Annotated[int, Field(gt=0, le=64)] = 1
+    """Embedding batches running at once across all workers: the rest of the pool stays free
+    for drains however slow the provider is."""
 
     # --- indexes ----------------------------------------------------------------------------
     index_dir: Path | None = None

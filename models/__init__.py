@@ -6,6 +6,7 @@ Importing this package registers the built-in kinds.
 from models.base import Base
 from models.dead_letter import DeadLetter
 from models.embedding import Embedding, EmbeddingCache, EmbeddingJob
+from models.index_build import IndexBuild
 from models.metric import MetricPoint, MetricRollup
 from models.query_history import QueryHistory
 from models.registry import Kind, KindRegistry, UnknownKindError, kinds, register_kind
@@ -16,6 +17,7 @@ __all__ = [
     "Embedding",
     "EmbeddingCache",
     "EmbeddingJob",
+    "IndexBuild",
     "Kind",
     "KindRegistry",
     "MetricPoint",

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+from afterwrite.collections import check_collection, check_doc_id
 from afterwrite.ids import uuid7_str
 from models.registry import kinds
 from producer.records import query_record
@@ -88,3 +89,48 @@ class RecordMethods(ABC, Generic[R]):
         if tags:
             record["tags"] = dict(tags)
         return self._record("metric", record)
+
+    def embed(
+        self,
+        collection: str,
+        doc_id: str,
+        text: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> R:
+        """Have ``text`` embedded as document ``doc_id`` of ``collection`` (kind ``embed``).
+
+        Workers embed it with the collection's model, skip the provider when the same text was
+        embedded before, and replace the document's previous vector; the collection's index
+        finds it within seconds. Jobs apply in the order they were made (a later ``embed`` or
+        ``delete_embedding`` of the same document wins). Raises ValueError for a bad collection
+        name, doc id or empty text (programming errors); never for Redis trouble.
+        """
+        check_collection(collection)
+        check_doc_id(doc_id)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        record: dict[str, Any] = {
+            "id": uuid7_str(),
+            "created_at": datetime.now(UTC),
+            "collection": collection,
+            "doc_id": doc_id,
+            "op": "upsert",
+            "text": text,
+        }
+        if metadata is not None:
+            record["metadata"] = dict(metadata)
+        return self._record("embed", record)
+
+    def delete_embedding(self, collection: str, doc_id: str) -> R:
+        """Remove document ``doc_id`` from ``collection``: it leaves search results at once
+        (a tombstone) and the next index build."""
+        check_collection(collection)
+        check_doc_id(doc_id)
+        record: dict[str, Any] = {
+            "id": uuid7_str(),
+            "created_at": datetime.now(UTC),
+            "collection": collection,
+            "doc_id": doc_id,
+            "op": "delete",
+        }
+        return self._record("embed", record)

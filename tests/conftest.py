@@ -27,7 +27,6 @@ import redis
 import examples.agent_steps.model  # noqa: F401  (registers the agent_step kind)
 from afterwrite.services import Endpoints, PrivateServices, ensure_database, local_endpoints
 from afterwrite.settings import Settings, load_settings
-from models.registry import kinds
 
 # Per test session, so that several sessions on one machine (developers, CI, helpers running
 # pytest at once) never flush or drop each other's state.
@@ -87,20 +86,30 @@ def endpoints() -> Iterator[Endpoints]:
 
 
 @pytest.fixture(scope="session")
-def base_env(endpoints: Endpoints) -> dict[str, str]:
+def base_env(endpoints: Endpoints) -> Iterator[dict[str, str]]:
     """Environment for afterwrite processes under test (no variables from the developer)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERWRITE_")}
     env["AFTERWRITE_DATABASE_URL"] = endpoints.database_url
     env["AFTERWRITE_REDIS_URL"] = endpoints.redis_url
+    data_dir = tempfile.mkdtemp(prefix="afterwrite-test-data-")
+    env["AFTERWRITE_DATA_DIR"] = data_dir
     # the session's database carries the example kind's revision: every process must know it
     env["AFTERWRITE_IMPORTS"] = "examples.agent_steps.model"
     env["AFTERWRITE_MIGRATION_DIRS"] = str(EXAMPLE_MIGRATIONS)
-    return env
+    yield env
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
-def settings(endpoints: Endpoints) -> Settings:
-    return load_settings({}, database_url=endpoints.database_url, redis_url=endpoints.redis_url)
+def settings(endpoints: Endpoints, tmp_path: Path) -> Settings:
+    # data_dir (spill journal, indexes) per test: nothing lands in the checkout or leaks
+    # between tests
+    return load_settings(
+        {},
+        database_url=endpoints.database_url,
+        redis_url=endpoints.redis_url,
+        data_dir=tmp_path / "afterwrite-data",
+    )
 
 
 @pytest.fixture
@@ -132,9 +141,17 @@ def _clean(endpoints: Endpoints) -> None:
     r = redis.Redis.from_url(endpoints.redis_url)
     r.flushdb()
     r.close()
-    tables = ", ".join(f'"{k.table.name}"' for k in kinds)
     with psycopg.connect(endpoints.database_url, autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {tables}, dead_letters")
+        # every table but Alembic's: kinds, dead letters, embeddings, index builds, …
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'"
+            )
+        ]
+        tables = ", ".join(f'"{n}"' for n in names)
+        conn.execute(f"TRUNCATE {tables}")
 
 
 def _drop(admin_url: str, name: str) -> None:

@@ -28,6 +28,9 @@ from worker.runtime import RuntimeHolder
 DRAIN_TASK = "afterwrite.drain"
 RECLAIM_TASK = "afterwrite.reclaim"
 RETENTION_TASK = "afterwrite.retention"
+EMBED_TASK = "afterwrite.embed"
+INDEX_REBUILD_TASK = "afterwrite.index_rebuild"
+INDEX_REFRESH_TASK = "afterwrite.index_refresh"
 
 
 def check_kind_settings(settings: Settings) -> None:
@@ -67,6 +70,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "schedule": settings.retention_interval_s,
         "options": {"expires": settings.retention_interval_s},
     }
+    schedule["embed"] = {
+        "task": EMBED_TASK,
+        "schedule": settings.embedding_interval_s,
+        "options": {"expires": max(5.0, 5 * settings.embedding_interval_s)},
+    }
+    schedule["index_rebuild"] = {
+        "task": INDEX_REBUILD_TASK,
+        "schedule": settings.index_rebuild_interval_s,
+        "options": {"expires": settings.index_rebuild_interval_s},
+    }
+    schedule["index_refresh"] = {
+        "task": INDEX_REFRESH_TASK,
+        "schedule": settings.index_refresh_interval_s,
+        "options": {"expires": max(5.0, 5 * settings.index_refresh_interval_s)},
+    }
+    embed_wait_s = settings.embedding_timeout_s * (settings.embedding_max_retries + 2)
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -82,6 +101,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.drain_budget_s + settings.batch_timeout_s * 2,
         "task_soft_time_limit": settings.drain_budget_s + settings.batch_timeout_s,
+        "task_annotations": {
+            # An embedding batch may wait out every retry of its provider requests.
+            EMBED_TASK: {
+                "soft_time_limit": settings.drain_budget_s + embed_wait_s,
+                "time_limit": settings.drain_budget_s + embed_wait_s + settings.batch_timeout_s,
+            }
+        },
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,

@@ -13,9 +13,10 @@ from typing import Any
 
 from afterwrite import wire
 from worker import bench_baseline, processes
-from worker.bench_context import Bench, progress_bar, worker_env
+from worker.bench_context import Bench, worker_env
 from worker.bench_drain import Backlog, wait_committed
 from worker.bench_report import latency_summary
+from worker.demo import progress_bar
 
 
 def measure_baseline(b: Bench, backlog: Backlog, count: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 import redis
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import migrations
 from afterwrite import wire
@@ -87,19 +86,6 @@ def _env_value(value: Any) -> str:
 def query_record_for(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The payload ``Client.record_query(**kwargs)`` would send (fresh id and time)."""
     return query_record(**kwargs)
-
-
-def progress_bar(console: Console) -> Progress:
-    """A transient progress bar with an ``info`` field, as every phase shows it."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 @dataclass

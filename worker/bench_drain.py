@@ -25,12 +25,12 @@ from worker.bench_context import (
     KIND,
     Bench,
     BenchError,
-    progress_bar,
     query_record_for,
     worker_env,
 )
 from worker.bench_procfs import RssSampler, process_cpu_s, system_cpu
 from worker.database import Database
+from worker.demo import progress_bar
 from worker.rows import RowCodec
 from worker.sql import kind_sql
 

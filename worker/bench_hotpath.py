@@ -24,8 +24,9 @@ from afterwrite.settings import Settings
 from producer import AsyncClient, Client, Outcome
 from producer.client import redis_options
 from worker import traffic
-from worker.bench_context import KIND, Bench, progress_bar, query_record_for
+from worker.bench_context import KIND, Bench, query_record_for
 from worker.bench_report import TARGET_HOT_P99_RATIO, latency_summary, ratio_of
+from worker.demo import progress_bar
 
 HOT_BLOCK = 100
 

@@ -119,7 +119,8 @@ def flower(ctx: click.Context, unauthenticated: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(as_json: bool) -> None:
-    """Backlog per stream, rows per table, dead letters."""
+    """Backlog per stream, rows per table, dead letters, freshness, embeddings, indexes."""
+    from worker.cli_observe import status_tables
     from worker.status import collect
 
     try:
@@ -148,7 +149,7 @@ def status(as_json: bool) -> None:
     for kind, reasons in report.dead_letters.items():
         for reason, n in reasons.items():
             dead.add_row(kind, reason, f"{n:,}")
-    console.print(streams, tables, dead)
+    console.print(streams, tables, dead, *status_tables(report))
 
 
 # --- dead letters ---------------------------------------------------------------------------
@@ -317,13 +318,26 @@ def dlq_purge(
     is_flag=True,
     help="Start private PostgreSQL/Redis even when local ones are reachable.",
 )
-def demo(records: int, rate: float, data_dir: Path | None, private: bool) -> None:
-    """Run the whole pipeline on realistic LLM query traffic and show it landing."""
+@click.option(
+    "--documents",
+    default=1000,
+    show_default=True,
+    help="Knowledge-base articles to embed, index and search (0: skip that part).",
+)
+def demo(records: int, rate: float, data_dir: Path | None, private: bool, documents: int) -> None:
+    """Run the whole pipeline on realistic LLM query traffic and show it landing, then embed,
+    index and search a small knowledge base."""
     from worker.demo import run_demo
 
     settings = _settings()
     code = run_demo(
-        settings, records=records, rate=rate, data_dir=data_dir, console=console, private=private
+        settings,
+        records=records,
+        rate=rate,
+        data_dir=data_dir,
+        console=console,
+        private=private,
+        documents=documents,
     )
     sys.exit(code)
 
@@ -343,6 +357,17 @@ def demo(records: int, rate: float, data_dir: Path | None, private: bool) -> Non
 )
 @click.option("--concurrency", default=2, show_default=True, help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
+@click.option(
+    "--suite",
+    "suites",
+    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "all"]),
+    multiple=True,
+    default=("pipeline",),
+    show_default=True,
+    help="What to measure (repeatable): the record/drain pipeline, embedding batching and the "
+    "offline model, index rebuild/search at 100k and 1M vectors, the example web app under "
+    "load (wrk).",
+)
 def bench(
     entries: int,
     calls: int,
@@ -351,34 +376,52 @@ def bench(
     compare_entries: int | None,
     concurrency: int,
     as_json: bool,
+    suites: tuple[str, ...],
 ) -> None:
-    """Measure hot-path latency and drain throughput against their ceilings.
+    """Measure hot-path latency and drain throughput against their ceilings (and, with
+    --suite, embeddings, indexes and the web app under load).
 
     Uses its own database (afterwrite_bench) and stream prefix; never touches real data.
     """
     from worker.bench import run_bench
+    from worker.bench_suites import SUITES, run_suites
 
     settings = _settings()
+    chosen = SUITES if "all" in suites else tuple(dict.fromkeys(suites))
     # With --json, stdout carries only the JSON; tables and progress go to stderr.
-    result = run_bench(
-        settings,
-        entries=entries,
-        calls=calls,
-        baseline=baseline,
-        console=Console(stderr=True) if as_json else console,
-        baseline_entries=baseline_entries,
-        compare_entries=compare_entries,
-        concurrency=concurrency,
-    )
+    out_console = Console(stderr=True) if as_json else console
+    result: dict[str, Any] = {}
+    if "pipeline" in chosen:
+        result = run_bench(
+            settings,
+            entries=entries,
+            calls=calls,
+            baseline=baseline,
+            console=out_console,
+            baseline_entries=baseline_entries,
+            compare_entries=compare_entries,
+            concurrency=concurrency,
+        )
+    others = run_suites(settings, chosen, out_console, concurrency=concurrency)
+    if others:
+        result = {**({"pipeline": result} if result else {}), **others}
     if as_json:
         click.echo(json.dumps(result, indent=2))
 
 
 def _register_subcommands() -> None:
     # Commands that live in their own modules (they import this one for _settings/_fail).
+    from worker.cli_embeddings import embeddings_cmd
+    from worker.cli_index import index, search
+    from worker.cli_observe import health, metrics_server
     from worker.cli_stats import stats_cmd
     from worker.cli_transfer import export_cmd, import_cmd
 
+    main.add_command(embeddings_cmd)
+    main.add_command(index)
+    main.add_command(search)
+    main.add_command(metrics_server)
+    main.add_command(health)
     main.add_command(stats_cmd)
     main.add_command(export_cmd)
     main.add_command(import_cmd)

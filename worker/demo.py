@@ -3,7 +3,9 @@
 Services: the configured URLs if set; else PostgreSQL/Redis on their usual local ports; else
 private instances under the data directory (stopped at the end). Then: migrate, start a Celery
 worker and beat, record query history at full speed (or ``--rate``) with a live view of rows
-persisted, ingest rate and lag, wait for the last row, print a summary, stop what it started.
+persisted, ingest rate and lag, wait for the last row, print a summary; then embed a small
+knowledge base with the offline model (or the configured provider), wait for beat to build its
+FAISS index, search it with a few questions, and stop what it started.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from afterwrite import wire
 from afterwrite.services import PrivateServices, ensure_database, local_endpoints
 from afterwrite.settings import Settings
 from producer import Client
-from worker import processes, traffic
+from worker import corpus, processes, traffic
 
 DEMO_DATABASE = "afterwrite_demo"
 DEMO_STREAM_PREFIX = "afterwrite-demo"
+DEMO_COLLECTION = "kb"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def run_demo(
     data_dir: Path | None,
     console: Console,
     private: bool = False,
+    documents: int = 1000,
 ) -> int:
     data_dir = (data_dir or settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +122,7 @@ def run_demo(
                 "stream_prefix": settings.stream_prefix
                 if ep.where == "configured"
                 else DEMO_STREAM_PREFIX,
+                "index_dir": settings.index_dir or data_dir / "indexes",
             }
         )
         migrations.upgrade(demo_settings.sqlalchemy_url(), extra_dirs=settings.migration_dirs)
@@ -127,11 +132,17 @@ def run_demo(
             AFTERWRITE_DATABASE_URL=ep.database_url,
             AFTERWRITE_REDIS_URL=ep.redis_url,
             AFTERWRITE_STREAM_PREFIX=demo_settings.stream_prefix,
+            AFTERWRITE_INDEX_DIR=str(demo_settings.index_path),
         )
+        # the demo wants its index built soon after the documents are embedded
+        env.setdefault("AFTERWRITE_INDEX_REBUILD_INTERVAL_S", "5")
         logs = data_dir / "logs"
         started = [processes.start_worker(env, logs), processes.start_beat(env, logs)]
         try:
-            return _traffic(demo_settings, records, rate, console, started)
+            code = _traffic(demo_settings, records, rate, console, started)
+            if code == 0 and documents > 0:
+                code = _embeddings(demo_settings, documents, console, started)
+            return code
         finally:
             for p in started:
                 p.stop()
@@ -158,14 +169,7 @@ def _traffic(
     failed = 0
     with (
         psycopg.connect(settings.require_database_url(), autocommit=True) as conn,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,}/{task.total:,}"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        progress_bar(console) as progress,
     ):
         sent_task = progress.add_task("recorded ", total=records, info="")
         rows_task = progress.add_task("persisted", total=records, info="")
@@ -220,6 +224,105 @@ def _traffic(
         console.print(f"[red]{records - failed - persisted:,} records did not arrive[/red]")
         return 1
     return 0
+
+
+def _embeddings(
+    settings: Settings, count: int, console: Console, started: list[processes.Process]
+) -> int:
+    """Embed ``count`` knowledge-base articles, wait until beat published an index holding
+    them, then search it."""
+    from producer import IndexReader
+
+    model = settings.collection_model(DEMO_COLLECTION)
+    console.print(f"\nembedding {count:,} knowledge-base articles with {model}")
+    client = Client.from_env(settings)
+    t0 = time.time()
+    for doc_id, topic, text in corpus.documents(count):
+        client.embed(DEMO_COLLECTION, doc_id, text, {"topic": topic})
+    client.close()
+    reader = IndexReader(DEMO_COLLECTION, index_dir=settings.index_path, settings=settings)
+    with (
+        psycopg.connect(settings.require_database_url(), autocommit=True) as conn,
+        progress_bar(console) as progress,
+    ):
+        embedded_task = progress.add_task("embedded ", total=count, info="")
+        indexed_task = progress.add_task("indexed  ", total=count, info="")
+        deadline = time.monotonic() + 300
+        target_seq: int | None = None  # the index must cover this, once all is embedded
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*), coalesce(max(seq), 0) FROM embeddings "
+                "WHERE collection = %s AND model = %s AND enqueued_at >= to_timestamp(%s)",
+                (DEMO_COLLECTION, model, t0 - 1),
+            ).fetchone()
+            embedded, top_seq = (int(row[0]), int(row[1])) if row else (0, 0)
+            progress.update(
+                embedded_task,
+                completed=embedded,
+                info=f"{embedded / max(time.time() - t0, 1e-6):,.0f} docs/s",
+            )
+            if target_seq is None and embedded >= count:
+                target_seq = top_seq
+            reader.reload()
+            manifest = reader.manifest or {}
+            covered = target_seq is not None and int(manifest.get("max_seq", -1)) >= target_seq
+            progress.update(
+                indexed_task,
+                completed=count if covered else 0,
+                info="" if reader.version is None else f"index version {reader.version}",
+            )
+            if covered:
+                break
+            if not all(p.alive() for p in started):
+                console.print("[red]a worker process exited:[/red]")
+                for p in started:
+                    console.print(p.tail())
+                return 1
+            time.sleep(0.5)
+        else:
+            console.print("[red]the index was not built in time[/red]")
+            return 1
+        topics: dict[str, str | None] = dict(
+            conn.execute(
+                "SELECT doc_id, metadata->>'topic' FROM embeddings WHERE collection = %s",
+                (DEMO_COLLECTION,),
+            ).fetchall()
+        )
+        texts: dict[str, str | None] = dict(
+            conn.execute(
+                "SELECT doc_id, text FROM embeddings WHERE collection = %s", (DEMO_COLLECTION,)
+            ).fetchall()
+        )
+    results = Table(title=f"searching {DEMO_COLLECTION!r} (index version {reader.version})")
+    results.add_column("query", max_width=30)
+    results.add_column("score", no_wrap=True)
+    results.add_column("topic", no_wrap=True)
+    results.add_column("document")
+    for query in corpus.QUERIES:
+        for rank, (doc_id, score) in enumerate(reader.search(query, k=3)):
+            text = texts.get(doc_id) or ""
+            results.add_row(
+                query if rank == 0 else "",
+                f"{score:.3f}",
+                topics.get(doc_id) or "",
+                f"{doc_id}: {text if len(text) <= 60 else text[:59] + '…'}",
+            )
+        results.add_section()
+    console.print(results)
+    return 0
+
+
+def progress_bar(console: Console) -> Progress:
+    """A transient progress bar with an ``info`` field, as every phase shows it."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _update(

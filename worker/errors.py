@@ -33,7 +33,9 @@ _CONFIG_CLASSES = frozenset({"42", "3F", "28"})
 
 
 def classify(exc: BaseException) -> Failure:
-    if isinstance(exc, UnknownKindError | BadDeployError):
+    from worker.embedding.providers import ProviderConfigError
+
+    if isinstance(exc, UnknownKindError | BadDeployError | ProviderConfigError):
         return Failure.CONFIGURATION
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate or ""

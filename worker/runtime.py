@@ -21,6 +21,7 @@ from models.registry import kinds
 from worker.backoff import compute_backoff_s
 from worker.database import Database
 from worker.drain import KindDrain
+from worker.embedding.stage import EmbedStage
 from worker.shutdown import Shutdown
 from worker.streams import Stream
 
@@ -53,7 +54,8 @@ class Runtime:
             application_name=f"afterwrite-worker:{os.getpid()}",
         )
         self._drains: dict[str, KindDrain] = {}
-        self._backoff = _Backoff()
+        self._embed: EmbedStage | None = None
+        self._backoffs: dict[str, _Backoff] = {}
         self.shutdown = Shutdown()
 
     def drain(self, kind_name: str) -> KindDrain:
@@ -73,22 +75,37 @@ class Runtime:
             self._drains[kind_name] = drain
         return drain
 
-    # A failing service (PostgreSQL or Redis down) is retried after a growing, jittered pause;
-    # kicks arriving meanwhile return at once instead of hammering it.
-    def backing_off(self) -> float:
-        return max(0.0, self._backoff.until - time.monotonic())
+    def embed_stage(self) -> EmbedStage:
+        if self._embed is None:
+            self._embed = EmbedStage(
+                self.settings,
+                self.db.connection,
+                self.redis,
+                stopping=lambda: self.shutdown.requested,
+            )
+        return self._embed
 
-    def failed(self) -> float:
-        self._backoff.failures += 1
+    # A failing service (PostgreSQL or Redis down) is retried after a growing, jittered pause;
+    # kicks arriving meanwhile return at once instead of hammering it. The embedding provider
+    # has a backoff of its own (``which="embed"``): a provider outage must not pause drains.
+    def backing_off(self, which: str = "store") -> float:
+        return max(0.0, self._backoff_of(which).until - time.monotonic())
+
+    def failed(self, which: str = "store") -> float:
+        backoff = self._backoff_of(which)
+        backoff.failures += 1
         # Never back off so long that another worker's reclaim takes over (and counts a
         # delivery of) the batch this worker is only waiting to retry.
         cap_s = min(30.0, self.settings.reclaim_idle_s / 2)
-        delay = compute_backoff_s(self._backoff.failures, max_backoff_s=cap_s)
-        self._backoff.until = time.monotonic() + delay
+        delay = compute_backoff_s(backoff.failures, max_backoff_s=cap_s)
+        backoff.until = time.monotonic() + delay
         return delay
 
-    def succeeded(self) -> None:
-        self._backoff = _Backoff()
+    def succeeded(self, which: str = "store") -> None:
+        self._backoffs[which] = _Backoff()
+
+    def _backoff_of(self, which: str) -> _Backoff:
+        return self._backoffs.setdefault(which, _Backoff())
 
     def hand_back_inflight(self) -> None:
         """Make every batch in flight reclaimable at once (called when abandoning it).
@@ -112,6 +129,8 @@ class Runtime:
             conn.close()
 
     def close(self) -> None:
+        if self._embed is not None:
+            self._embed.close()
         self.db.close()
         self.redis.close()
 

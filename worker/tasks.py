@@ -14,7 +14,15 @@ import psycopg
 
 from models.registry import kinds
 from worker import slots
-from worker.app import DRAIN_TASK, RECLAIM_TASK, RETENTION_TASK, app
+from worker.app import (
+    DRAIN_TASK,
+    EMBED_TASK,
+    INDEX_REBUILD_TASK,
+    INDEX_REFRESH_TASK,
+    RECLAIM_TASK,
+    RETENTION_TASK,
+    app,
+)
 from worker.errors import Failure, classify
 from worker.retention import run_retention
 from worker.runtime import Runtime
@@ -28,9 +36,15 @@ def _runtime() -> Runtime:
     return runtime
 
 
-def _guarded(kind: str, action: str, work: Callable[[Runtime], dict[str, Any]]) -> dict[str, Any]:
+def _guarded(
+    kind: str,
+    action: str,
+    work: Callable[[Runtime], dict[str, Any]],
+    *,
+    backoff: str = "store",
+) -> dict[str, Any]:
     rt = _runtime()
-    wait_s = rt.backing_off()
+    wait_s = rt.backing_off(backoff)
     if wait_s > 0:
         return {"kind": kind, "skipped": f"backing off {wait_s:.1f}s after a failure"}
     try:
@@ -47,7 +61,7 @@ def _guarded(kind: str, action: str, work: Callable[[Runtime], dict[str, Any]]) 
                 extra={"action": action, "kind": kind, "failure": failure.value},
             )
             raise
-        delay = rt.failed()
+        delay = rt.failed(backoff)
         log.warning(
             "%s of %s failed (%s: %s); entries stay pending; retrying in %.1fs",
             action,
@@ -61,7 +75,7 @@ def _guarded(kind: str, action: str, work: Callable[[Runtime], dict[str, Any]]) 
     # Only a committed batch shows that Redis and PostgreSQL both work again: a reclaim that
     # found nothing idle, or a drain with nothing to do, must not reset the backoff.
     if result.get("batches", 0) > 0:
-        rt.succeeded()
+        rt.succeeded(backoff)
     return result
 
 
@@ -100,3 +114,41 @@ def retention() -> dict[str, Any]:
         return {"kinds": [r.as_dict() for r in reports]}
 
     return _guarded("*", "retention", work)
+
+
+@app.task(name=EMBED_TASK)
+def embed() -> dict[str, Any]:
+    """Turn stored embedding jobs into vectors (see worker.embedding.stage)."""
+
+    def work(rt: Runtime) -> dict[str, Any]:
+        s = rt.settings
+        ttl_ms = int(
+            (s.drain_budget_s + s.embedding_timeout_s * (s.embedding_max_retries + 3)) * 1000
+        )
+        slot = slots.acquire(rt.redis, f"{s.stream_prefix}:embedders", s.embedding_workers, ttl_ms)
+        if slot is None:
+            return {"kind": "embed", "skipped": "all embedding slots busy"}
+        with slot:
+            try:
+                return rt.embed_stage().run(s.drain_budget_s).as_dict()
+            except Exception:
+                rt.db.discard_if_broken()
+                raise
+
+    return _guarded("embed", "embed", work, backoff="embed")
+
+
+@app.task(name=INDEX_REBUILD_TASK, soft_time_limit=900, time_limit=960)
+def index_rebuild() -> list[dict[str, Any]]:
+    """Rebuild and publish the index of every collection that changed since its last build."""
+    from worker.index.jobs import rebuild_changed
+
+    return rebuild_changed(_runtime().settings)
+
+
+@app.task(name=INDEX_REFRESH_TASK)
+def index_refresh() -> list[dict[str, Any]]:
+    """Publish what changed since each collection's last build (searchable within seconds)."""
+    from worker.index.jobs import refresh_deltas
+
+    return refresh_deltas(_runtime().settings)

@@ -1,18 +1,28 @@
-"""Flower as ``afterwrite flower`` starts it: authentication on by default."""
+"""Flower as ``afterwrite flower`` starts it: authentication on by default, and what it shows
+for afterwrite's tasks run by a live worker."""
 
 from __future__ import annotations
 
+import ast
 import base64
+import json
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery
 
+from afterwrite.settings import Settings
+from producer import Client
 from tests.helpers import wait_for
+from worker.app import DRAIN_TASK
+from worker.processes import Process, start_worker
 
 pytestmark = pytest.mark.acceptance
 
@@ -35,12 +45,27 @@ def _status(url: str, auth: tuple[str, str] | None = None) -> int:
         return exc.code
 
 
-def test_flower_answers_401_without_credentials(base_env: dict[str, str], tmp_path: Path) -> None:
+def _get_json(url: str, auth: tuple[str, str]) -> Any:
+    request = urllib.request.Request(url)
+    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+AUTH = ("ops", "correct horse")
+
+
+@pytest.fixture
+def flower(
+    base_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``afterwrite flower`` with credentials, listening; stopped after the test."""
     port = _free_port()
     env = {
         **base_env,
-        "AFTERWRITE_FLOWER_USER": "ops",
-        "AFTERWRITE_FLOWER_PASSWORD": "correct horse",
+        "AFTERWRITE_FLOWER_USER": AUTH[0],
+        "AFTERWRITE_FLOWER_PASSWORD": AUTH[1],
         "AFTERWRITE_FLOWER_PORT": str(port),
     }
     log = (tmp_path / "flower.log").open("wb")
@@ -50,7 +75,6 @@ def test_flower_answers_401_without_credentials(base_env: dict[str, str], tmp_pa
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}/"
     try:
 
         def up() -> bool:
@@ -62,13 +86,80 @@ def test_flower_answers_401_without_credentials(base_env: dict[str, str], tmp_pa
             return True
 
         wait_for(up, timeout_s=60, what="Flower to listen")
-        assert _status(url) == 401
-        assert _status(url, ("ops", "wrong")) == 401
-        assert _status(url, ("ops", "correct horse")) == 200
-        # the password is not on the command line, where `ps` would show it
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
-        assert b"correct horse" not in cmdline
+        yield proc, port
     finally:
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+
+
+def test_flower_answers_401_without_credentials(
+    flower: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    proc, port = flower
+    url = f"http://127.0.0.1:{port}/"
+    assert _status(url) == 401
+    assert _status(url, ("ops", "wrong")) == 401
+    assert _status(f"http://127.0.0.1:{port}/api/tasks") == 401
+    assert _status(url, AUTH) == 200
+    # the password is not on the command line, where `ps` would show it
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    assert b"correct horse" not in cmdline
+
+
+@pytest.fixture
+def live_worker(base_env: dict[str, str], tmp_path: Path) -> Iterator[Process]:
+    worker = start_worker(base_env, tmp_path / "logs", concurrency=1, loglevel="INFO")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        print(worker.tail())  # shown when the test failed
+
+
+def _drains_in_flower(port: int) -> list[dict[str, Any]]:
+    tasks = _get_json(f"http://127.0.0.1:{port}/api/tasks?taskname={DRAIN_TASK}", AUTH)
+    return [t for t in tasks.values() if t.get("state") == "SUCCESS"]
+
+
+def test_flower_lists_drain_tasks_with_their_counts(
+    flower: tuple[subprocess.Popen[bytes], int],
+    live_worker: Process,
+    settings: Settings,
+    base_env: dict[str, str],
+) -> None:
+    _, port = flower
+    sender = Celery("test-sender", broker=base_env["AFTERWRITE_REDIS_URL"], set_as_current=False)
+    sender.conf.update(task_serializer="json", accept_content=["json"])
+    try:
+        # Flower sees events from when it connected: kick an empty drain until it shows up.
+        def seen_once() -> bool:
+            assert live_worker.alive(), live_worker.tail()
+            sender.send_task(DRAIN_TASK, args=["metric"])
+            return any(t["args"] == "['metric']" for t in _drains_in_flower(port))
+
+        wait_for(seen_once, timeout_s=60, interval_s=1.0, what="Flower to show a drain task")
+
+        with Client.from_env(settings) as client:
+            for i in range(17):
+                client.record_query(f"shown in flower {i}")
+        sender.send_task(DRAIN_TASK, args=["query"])
+
+        def query_drains() -> list[dict[str, Any]]:
+            return [t for t in _drains_in_flower(port) if t["args"] == "['query']"]
+
+        (task,) = wait_for(query_drains, timeout_s=60, what="the query drain in Flower")
+    finally:
+        sender.close()
+    result = ast.literal_eval(task["result"])  # Flower shows the task's return value
+    assert result["kind"] == "query"
+    assert (result["entries"], result["inserted"], result["dead_lettered"]) == (17, 17, 0)
+    assert result["batches"] == 1
+    assert result["duration_s"] >= 0
+    assert result["max_lag_s"] is not None
+    assert result["max_lag_s"] >= 0
+    assert task["runtime"] is not None
+    # nothing secret travels with the task: its arguments are kind names only
+    shown = json.dumps(task)
+    assert "redis://" not in shown
+    assert "postgresql://" not in shown

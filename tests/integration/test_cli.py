@@ -42,7 +42,7 @@ def test_status_reports_backlog_rows_and_dead_letters(
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     streams = {s["kind"]: s for s in report["streams"]}
-    assert set(streams) == {"agent_step", "metric", "query"}  # every registered kind
+    assert set(streams) == {"agent_step", "embed", "metric", "query"}  # every registered kind
     assert streams["query"]["length"] == 7
     assert streams["query"]["oldest_age_s"] is not None
     assert streams["agent_step"]["length"] == 0

@@ -21,7 +21,13 @@ from psycopg.rows import dict_row
 from afterwrite.settings import Settings, load_settings
 from examples import fakellm
 from examples.flask_app import create_app as create_flask_app
-from examples.webapp import create_app
+from examples.webapp import (
+    LATENCY_METRIC,
+    BackgroundRecording,
+    Recording,
+    SyncOrmRecording,
+    create_app,
+)
 from producer import AsyncClient, Client
 from producer.client import redis_options
 from worker.runtime import Runtime
@@ -156,7 +162,7 @@ def test_fastapi_client_from_env_is_opened_and_closed_by_the_lifespan(
 
     answers, recorder = asyncio.run(scenario())
     _check_stored(answers, runtime, pg, since)
-    assert recorder.stats.snapshot()["sent"] == len(QUESTIONS)
+    assert recorder.stats.snapshot()["sent"] == 2 * len(QUESTIONS)  # the query and its metric
 
 
 def test_fastapi_rejects_a_request_without_a_query(settings: Settings) -> None:
@@ -197,6 +203,127 @@ def test_fastapi_still_answers_when_redis_is_away(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*"))  # the journal holds it
     assert body["answer"] == fakellm.complete("Still there?").text
     assert uuid.UUID(body["event_id"]).version == 7
+
+
+async def _exercise(app: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Ask every question and add one document; the answers and the document's receipt."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://example"
+        ) as http,
+    ):
+        answers = []
+        for question in QUESTIONS:
+            response = await http.post("/ask", json=question)
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+        doc = await http.post(
+            "/documents",
+            json={"collection": "kb", "doc_id": "rag-101", "text": "RAG retrieves, then writes."},
+        )
+        assert doc.status_code == 200, doc.text
+        bad = await http.post("/documents", json={"collection": "kb", "doc_id": "x", "text": " "})
+        assert bad.status_code == 422
+        return answers, doc.json()
+
+
+def _check_all_kinds(
+    answers: list[dict[str, Any]], doc: dict[str, Any], pg: psycopg.Connection[Any]
+) -> None:
+    """Query rows, one latency metric per answer and the embedding job are in PostgreSQL."""
+    rows = _rows(pg)
+    assert set(rows) == {a["event_id"] for a in answers}
+    metrics = pg.execute(
+        "SELECT count(*), min(value) FROM metric_points WHERE name = %s", (LATENCY_METRIC,)
+    ).fetchone()
+    assert metrics is not None
+    assert metrics[0] == len(QUESTIONS)
+    assert metrics[1] >= 0
+    job = pg.execute(
+        "SELECT collection, doc_id, op, text FROM embedding_jobs WHERE id = %s", (doc["event_id"],)
+    ).fetchone()
+    assert job == ("kb", "rag-101", "upsert", "RAG retrieves, then writes.")
+
+
+def test_fastapi_handlers_record_queries_metrics_and_embedding_jobs(
+    settings: Settings, runtime: Runtime, pg: psycopg.Connection[Any]
+) -> None:
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        async with _async_client(settings) as client:
+            return await _exercise(create_app(client, latency_ms=0))
+
+    answers, doc = asyncio.run(scenario())
+    assert doc["recorded"] == "sent"
+    for kind in ("query", "metric", "embed"):
+        assert runtime.drain(kind).run(budget_s=5).dead_lettered == 0
+    _check_all_kinds(answers, doc, pg)
+
+
+def test_fastapi_background_recording_reaches_postgres(
+    settings: Settings, runtime: Runtime, pg: psycopg.Connection[Any]
+) -> None:
+    conn = redis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+    client = Client(conn, settings.model_copy(update={"producer_mode": "background"}))
+    recording = BackgroundRecording(client)
+    app = create_app(recording=recording, latency_ms=0)
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        try:
+            return await _exercise(app)
+        finally:
+            await recording.close()  # flushes the buffer
+
+    answers, doc = asyncio.run(scenario())
+    assert {a["recorded"] for a in answers} == {"buffered"}
+    assert client.stats.snapshot()["sent"] == 2 * len(QUESTIONS) + 1
+    for kind in ("query", "metric", "embed"):
+        runtime.drain(kind).run(budget_s=5)
+    _check_all_kinds(answers, doc, pg)
+
+
+def test_fastapi_sync_orm_recording_commits_in_the_request(
+    settings: Settings, pg: psycopg.Connection[Any], rdb: redis.Redis
+) -> None:
+    url = "postgresql+psycopg://" + settings.require_database_url().split("://", 1)[1]
+    recording: Recording = SyncOrmRecording(url)
+    app = create_app(recording=recording, latency_ms=0)
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        try:
+            return await _exercise(app)
+        finally:
+            await recording.close()
+
+    answers, doc = asyncio.run(scenario())
+    assert {a["recorded"] for a in answers} == {"committed"}
+    _check_all_kinds(answers, doc, pg)  # no drain: already committed
+    assert rdb.keys(f"{settings.stream_prefix}:stream:*") == []
+
+
+def test_fastapi_search_without_an_index_is_503_and_timings_count_posts(
+    settings: Settings,
+) -> None:
+    async def scenario() -> tuple[int, int, dict[str, Any]]:
+        async with _async_client(settings) as client:
+            app = create_app(client, latency_ms=0, timing=True)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://example"
+            ) as http:
+                missing = await http.get("/search", params={"collection": "nothing", "q": "x"})
+                bad_k = await http.get("/search", params={"collection": "c", "q": "x", "k": 0})
+                for q in QUESTIONS:
+                    await http.post("/ask", json=q)
+                timings = (await http.get("/debug/timings", params={"reset": True})).json()
+                after = (await http.get("/debug/timings")).json()
+                assert after == {"count": 0}
+                return missing.status_code, bad_k.status_code, timings
+
+    missing, bad_k, timings = asyncio.run(scenario())
+    assert missing == 503
+    assert bad_k == 422
+    assert timings["count"] == len(QUESTIONS)
+    assert 0 < timings["p50_us"] <= timings["p99_us"] <= timings["max_us"]
 
 
 # --- Flask ------------------------------------------------------------------------------------

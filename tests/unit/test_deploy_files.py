@@ -32,7 +32,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 
 # Procfile process -> compose service running the same command (default: the same name).
 PROCFILE_SERVICE = {"release": "migrate"}
-AFTERWRITE_SERVICES = ("migrate", "worker", "beat", "flower", "web")
+AFTERWRITE_SERVICES = ("migrate", "worker", "beat", "flower", "metrics", "web")
 # ${VAR}, ${VAR:-default}, ${VAR:?error}, $VAR
 VARIABLE = re.compile(r"\$(?:\{(?P<braced>\w+)(?::?[-?][^}]*)?\}|(?P<bare>\w+))")
 
@@ -275,15 +275,29 @@ def test_postgres_has_a_readiness_check_and_volumes_persist() -> None:
         assert named & declared, f"{name} keeps its data in no named volume"
 
 
-def test_flower_refuses_to_start_without_a_password() -> None:
-    flower = _services()["flower"]
-    env = _environment(flower)
+@pytest.mark.parametrize(("name", "port"), [("flower", "5555"), ("metrics", "9808")])
+def test_monitoring_endpoints_refuse_to_start_without_a_password(name: str, port: str) -> None:
+    service = _services()[name]
+    env = _environment(service)
     assert env["AFTERWRITE_FLOWER_PASSWORD"].startswith("${AFTERWRITE_FLOWER_PASSWORD:?")
     assert env.get("AFTERWRITE_FLOWER_USER")
     assert "AFTERWRITE_FLOWER_UNAUTHENTICATED" not in env
-    assert "--unauthenticated" not in _argv(flower["command"])
-    assert "--unauthenticated" not in _procfile()["flower"]
-    assert any("5555" in str(port) for port in flower.get("ports", []))
+    assert "--unauthenticated" not in _argv(service["command"])
+    assert "--unauthenticated" not in _procfile()[name]
+    assert any(port in str(p) for p in service.get("ports", []))
+
+
+def test_the_worker_and_the_readers_share_the_index_directory() -> None:
+    services = _services()
+    index_dir = "/var/lib/afterwrite/indexes"
+    assert re.search(rf"\bAFTERWRITE_INDEX_DIR={index_dir}\b", DOCKERFILE.read_text())
+    mounts = {
+        name: [v for v in services[name].get("volumes", []) if v.split(":")[1] == index_dir]
+        for name in ("worker", "web", "metrics")
+    }
+    assert all(mounts.values()), mounts
+    assert {v[0].split(":")[0] for v in mounts.values()} == {"indexes"}
+    assert not mounts["worker"][0].endswith(":ro")  # the builder writes
 
 
 def _depends_on(service: Mapping[str, Any]) -> dict[str, str]:

@@ -14,6 +14,9 @@ from producer.records import Outcome, Receipt, query_record
 def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
     ids = [uuid7_str() for _ in range(10_000)]
     assert len(set(ids)) == len(ids)
+    # strictly increasing within a process, even many ids per millisecond
+    assert ids == sorted(ids)
+    assert [uuid.UUID(i) for i in ids] == sorted(uuid.UUID(i) for i in ids)
     parsed = [uuid.UUID(i) for i in ids]
     assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
     stamps = [uuid7_unix_ms(u) for u in parsed]

@@ -1,0 +1,172 @@
+"""IndexReader against published versions: freshness deltas, damaged files, text queries."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from afterwrite.services import Endpoints
+from producer.index_reader import IndexReader, IndexUnavailable
+from tests.index_helpers import add, index_settings, random_unit, tombstone, upsert
+from worker.index import files, jobs
+
+DIM = 32
+
+
+def test_freshness_new_document_found_deleted_one_gone(
+    endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    model = settings.collection_model("docs")
+    x = random_unit(500, DIM, seed=1)
+    doc_ids = add(pg, "docs", x, model=model)
+    jobs.rebuild(settings, "docs")
+    reader = IndexReader("docs", tmp_path, check_interval_s=0.0)
+    assert reader.search(x[3], 1)[0][0] == doc_ids[3]
+
+    fresh = random_unit(1, DIM, seed=99)[0]
+    upsert(pg, "docs", "fresh", fresh, model=model)  # embedded after the build
+    tombstone(pg, "docs", doc_ids[3])  # deleted after the build
+    moved = random_unit(1, DIM, seed=7)[0]
+    upsert(pg, "docs", doc_ids[4], moved, model=model)  # changed after the build
+    assert jobs.refresh_deltas(settings)[0]["published"]
+    assert jobs.refresh_deltas(settings)[0]["why"] == "unchanged"  # cheap when idle
+    assert reader.reload()
+    assert reader.version == 1  # same build, new delta
+
+    [(doc, score)] = reader.search(fresh, 1)
+    assert doc == "fresh"
+    assert score == pytest.approx(1.0, abs=1e-5)
+    assert doc_ids[3] not in {d for d, _ in reader.search(x[3], 50)}
+    hits = [d for d, _ in reader.search(moved, 500)]
+    assert hits[0] == doc_ids[4]
+    assert len(hits) == len(set(hits)) == 500  # changed doc once; every doc at most once
+    assert doc_ids[4] not in [d for d, _ in reader.search(x[4], 3)][1:]
+
+    # the delta is recorded: freshness can be measured from index_builds
+    row = pg.execute(
+        "SELECT max(max_seq) FROM index_builds WHERE collection = 'docs' AND kind = 'delta'"
+        " AND status = 'published'"
+    ).fetchone()
+    seq = pg.execute("SELECT seq FROM embeddings WHERE doc_id = 'fresh'").fetchone()
+    assert row is not None
+    assert seq is not None
+    assert row[0] >= seq[0]
+
+    # the next build folds the changes in; the new version's delta starts empty
+    report = jobs.rebuild(settings, "docs")
+    assert report["version"] == 2
+    assert report["vector_count"] == 500
+    assert reader.reload()
+    assert reader.version == 2
+    assert reader.search(fresh, 1)[0][0] == "fresh"
+    assert doc_ids[3] not in {d for d, _ in reader.search(x[3], 50)}
+
+
+def test_corrupt_or_truncated_version_is_rejected_old_keeps_serving(
+    endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    x = random_unit(300, DIM, seed=2)
+    doc_ids = add(pg, "docs", x, model=settings.collection_model("docs"))
+    jobs.rebuild(settings, "docs")
+    reader = IndexReader("docs", tmp_path, check_interval_s=0.0)
+    assert reader.version == 1
+
+    for damage in ("flip", "truncate"):
+        report = jobs.rebuild(settings, "docs", force=True)
+        path = tmp_path / "docs" / files.index_file(report["version"])
+        data = bytearray(path.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0xFF
+        else:
+            del data[len(data) // 3 :]
+        path.write_bytes(bytes(data))
+        assert not reader.reload()
+        assert reader.version == 1
+        assert reader.search(x[9], 1)[0][0] == doc_ids[9]
+        # a fresh reader (another process starting now) refuses it too
+        with pytest.raises(IndexUnavailable):
+            IndexReader("docs", tmp_path).search(x[9], 1)
+
+    report = jobs.rebuild(settings, "docs", force=True)
+    assert reader.reload()
+    assert reader.version == report["version"]
+
+
+def test_search_checks_for_new_versions_by_itself(
+    endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    add(pg, "docs", random_unit(100, DIM), model=settings.collection_model("docs"))
+    jobs.rebuild(settings, "docs")
+    reader = IndexReader("docs", tmp_path, check_interval_s=0.05)
+    jobs.rebuild(settings, "docs", force=True)
+    q = random_unit(1, DIM, seed=3)[0]
+    deadline = 200
+    while reader.version != 2 and deadline:
+        reader.search(q, 3)
+        deadline -= 1
+        reader.close()
+    assert reader.version == 2
+
+
+def test_wrong_dimension_and_missing_index(
+    endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    with pytest.raises(IndexUnavailable):
+        IndexReader("docs", tmp_path).search(np.ones(DIM, dtype=np.float32))
+    settings = index_settings(endpoints, tmp_path)
+    add(pg, "docs", random_unit(10, DIM), model=settings.collection_model("docs"))
+    jobs.rebuild(settings, "docs")
+    with pytest.raises(ValueError, match="dimension"):
+        IndexReader("docs", tmp_path).search(np.ones(DIM + 1, dtype=np.float32))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("worker.embedding.providers") is None,
+    reason="the embedding providers module is not there yet",
+)
+def test_text_query_is_embedded_with_the_index_model(
+    endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    from worker.embedding.providers import make_embedder
+
+    settings = index_settings(endpoints, tmp_path)
+    model = settings.collection_model("docs")
+    texts = ["the cat sat on the mat", "stock markets fell sharply", "a recipe for pancakes"]
+    try:
+        result = make_embedder(settings, model).embed_many(texts)
+    except Exception as exc:  # the offline model may be unavailable on this machine
+        pytest.skip(f"embedder unavailable: {exc}")
+    vectors = np.stack([result.vectors[i] for i in range(3)]).astype(np.float32)
+    for i, vec in enumerate(vectors):
+        upsert(pg, "docs", f"t{i}", vec, model=model)
+    jobs.rebuild(settings, "docs")
+    reader = IndexReader("docs", tmp_path, settings=settings)
+    assert reader.search("pancake recipe", 1)[0][0] == "t2"
+
+
+def test_during_a_model_change_re_embedded_documents_stay_searchable(
+    endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    model = settings.collection_model("docs")
+    x = random_unit(200, DIM, seed=3)
+    doc_ids = add(pg, "docs", x, model=model)
+    jobs.rebuild(settings, "docs")
+    reader = IndexReader("docs", tmp_path, check_interval_s=0.0)
+
+    # `afterwrite embeddings reembed` has moved one document to the new model (another
+    # dimension): until the whole collection is re-embedded and rebuilt, the index serves its
+    # old vector rather than losing it
+    upsert(pg, "docs", doc_ids[5], random_unit(1, DIM * 2, seed=4)[0], model="new-model")
+    jobs.refresh_deltas(settings)
+    reader.reload()
+    assert reader.search(x[5], 1)[0][0] == doc_ids[5]
+    assert jobs.rebuild(settings, "docs")["status"] == "skipped"  # no index mixes models

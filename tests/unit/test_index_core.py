@@ -1,0 +1,152 @@
+"""Pure parts of the index lifecycle: index choice, COPY parsing, file formats, recall."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from worker.index import files
+from worker.index.build import build_index, recall
+from worker.index.choose import Choice, choose_index, ivf_nlist
+from worker.index.source import COPY_SIGNATURE, BinaryRowParser, SourceError, parse_id_text
+
+
+def _copy_stream(ids: list[int], vectors: np.ndarray) -> bytes:
+    out = bytearray(COPY_SIGNATURE + struct.pack(">ii", 0, 0))
+    for i, v in zip(ids, vectors, strict=True):
+        blob = v.astype("<f4").tobytes()
+        out += struct.pack(">hiqi", 2, 8, i, len(blob)) + blob
+    return bytes(out + struct.pack(">h", -1))
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 1 << 20])
+def test_binary_copy_parser_in_any_chunking(piece: int) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 8)).astype(np.float32)
+    ids = [10 * i + 3 for i in range(50)]
+    data = _copy_stream(ids, vectors)
+    parser = BinaryRowParser(8, 50)
+    for start in range(0, len(data), piece):
+        parser.feed(data[start : start + piece])
+    got_ids, got = parser.finish()
+    assert got_ids.tolist() == ids
+    assert np.array_equal(got, vectors)
+
+
+def test_binary_copy_parser_rejects_wrong_width_and_truncation() -> None:
+    vectors = np.ones((3, 8), dtype=np.float32)
+    data = _copy_stream([1, 2, 3], vectors)
+    parser = BinaryRowParser(4, 3)  # rows are 8 wide, the parser expects 4
+    parser.feed(data)
+    with pytest.raises(SourceError):
+        parser.finish()
+    truncated = BinaryRowParser(8, 3)
+    truncated.feed(data[:-10])
+    with pytest.raises(SourceError):
+        truncated.finish()
+
+
+def test_text_copy_doc_ids_are_unescaped() -> None:
+    data = b"1\tplain\n2\ttab\\there\n3\tback\\\\slash\n4\tnew\\nline\n"
+    assert parse_id_text(data) == {1: "plain", 2: "tab\there", 3: "back\\slash", 4: "new\nline"}
+
+
+def test_choice_by_size_and_budget() -> None:
+    kw: dict[str, Any] = {"exact_max_vectors": 50_000, "memory_budget_mb": 4096}
+    assert choose_index(10_000, 384, **kw).factory == "IDMap2,Flat"
+    ivf = choose_index(1_000_000, 384, **kw)
+    assert ivf.factory == "IVF1024,Flat"
+    assert ivf.nlist == 1024
+    assert choose_index(
+        1_000_000, 384, exact_max_vectors=50_000, memory_budget_mb=1024
+    ).factory == ("IVF1024,SQ8")
+    assert (
+        "PQ"
+        in choose_index(10_000_000, 384, exact_max_vectors=50_000, memory_budget_mb=1024).factory
+    )
+    assert "HNSW" in choose_index(1_000_000, 384, **kw, latency_budget_ms=0.5).factory
+    assert choose_index(10, 8, **kw, override="IVF4,Flat") == Choice(
+        "IVF4,Flat", "factory override (AFTERWRITE_INDEX_FACTORY)", 4
+    )
+    assert ivf_nlist(2_000) * 39 <= 2_000
+
+
+def test_recall_counts_overlap() -> None:
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert recall(truth, truth) == 1.0
+    assert recall(np.array([[1, 2, 0, 0], [5, 6, 7, 8]]), truth) == 0.75
+
+
+def test_every_index_type_keeps_ids_and_round_trips() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(1000, 4000, dtype=np.int64)
+    for factory, nlist in (("IDMap2,Flat", None), ("IVF32,Flat", 32), ("HNSW16", None)):
+        built = build_index(Choice(factory, "t", nlist), ids, x)
+        assert built.recall_at_10 is not None
+        assert built.recall_at_10 >= 0.95
+        again = faiss.deserialize_index(faiss.serialize_index(built.index))
+        _, found = again.search(x[:5], 1)
+        assert found[:, 0].tolist() == ids[:5].tolist()
+
+
+def test_docs_and_delta_formats_round_trip_and_detect_damage() -> None:
+    ids = np.array([3, 9, 12], dtype=np.int64)
+    raw = b"".join(bytes(p) for p in files.encode_docs(ids, ["a", "b\tc", "ü"], model="m", dim=4))
+    docs = files.decode_docs(raw)
+    assert docs.lookup(np.array([9, 12, 4, -1])) == ["b\tc", "ü", None, None]
+    with pytest.raises(files.IndexFileError):
+        files.decode_docs(raw[:20])
+    delta = files.Delta(
+        base_version=2, max_seq=77, model="m", dim=4, ids=ids[:1],
+        vectors=np.ones((1, 4), dtype=np.float32), doc_ids=["x"], masked=ids, built_at=1.0,
+    )  # fmt: skip
+    blob = b"".join(bytes(p) for p in files.encode_delta(delta))
+    back = files.decode_delta(blob)
+    assert (back.base_version, back.max_seq, back.doc_ids) == (2, 77, ["x"])
+    assert back.masked.tolist() == [3, 9, 12]
+    damaged = bytearray(blob)
+    damaged[-3] ^= 1
+    with pytest.raises(files.IndexFileError, match="checksum"):
+        files.decode_delta(bytes(damaged))
+
+
+def test_write_atomic_leaves_no_temporary(tmp_path: Path) -> None:
+    sha = files.write_atomic(tmp_path / "f", [b"hello ", b"world"])
+    assert (tmp_path / "f").read_bytes() == b"hello world"
+    assert sha == "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_cleanup_spares_a_delta_being_written_and_removes_a_dead_builders_files(
+    tmp_path: Path,
+) -> None:
+    import os
+    import time
+
+    dead_build = tmp_path / f"{files.TMP_PREFIX}{files.index_file(3)}.abc"
+    live_delta = tmp_path / f"{files.TMP_PREFIX}{files.delta_file(2)}.def"
+    old_delta = tmp_path / f"{files.TMP_PREFIX}{files.delta_file(1)}.ghi"
+    for p in (dead_build, live_delta, old_delta):
+        p.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    os.utime(old_delta, (an_hour_ago, an_hour_ago))
+
+    assert files.remove_temporaries(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [live_delta.name]
+
+
+def test_a_version_without_its_manifest_copy_is_not_a_version(tmp_path: Path) -> None:
+    for v in (1, 2):
+        (tmp_path / files.index_file(v)).write_bytes(b"i")
+        (tmp_path / files.docs_file(v)).write_bytes(b"d")
+    (tmp_path / files.version_manifest_file(1)).write_text("{}")
+    # v2: its build lost the race for the delta lock before writing the manifest copy
+    assert files.versions_on_disk(tmp_path) == [1]
+    assert files.incomplete_versions(tmp_path) == [2]

@@ -1,0 +1,182 @@
+"""Re-embedding a collection after its model changed (``afterwrite embeddings reembed``).
+
+Walks the collection's live documents whose model differs from the configured one, in id order
+and chunks of ``embedding_batch_jobs``, each chunk in its own transaction: cached vectors first,
+the provider for the rest, then the rows get the new model, dimension and vector (``seq``
+rises, so the next index build sees the change). Resumable: a second run picks up only what is
+left. Index builds wait until no live document of the collection has another model, so one
+index never mixes dimensions; the old index keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from afterwrite.collections import check_collection
+from afterwrite.settings import Settings
+from worker.embedding.stage import (
+    EmbedderFactory,
+    _default_factory,
+    cache_model,
+    content_hash,
+    normalise,
+    vector_bytes,
+)
+
+log = logging.getLogger("afterwrite.embedding")
+
+_REMAINING = """
+SELECT count(*) FROM embeddings
+WHERE collection = %s AND NOT deleted AND model IS DISTINCT FROM %s
+"""
+_CHUNK = """
+SELECT id, doc_id, text FROM embeddings
+WHERE collection = %s AND NOT deleted AND model IS DISTINCT FROM %s AND id > %s
+ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+_CACHED = (
+    "SELECT content_hash, vector FROM embedding_cache WHERE model = %s AND content_hash = ANY(%s)"
+)
+_CACHE_PUT = """
+INSERT INTO embedding_cache (model, content_hash, dim, vector)
+SELECT %s, h, %s, v FROM unnest(%s::bytea[], %s::bytea[]) AS t(h, v) ON CONFLICT DO NOTHING
+"""
+_UPDATE = """
+UPDATE embeddings e SET model = %s, dim = %s, vector = u.v, content_hash = u.h,
+    seq = nextval('embedding_seq'), embedded_at = now()
+FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[]) AS u(id, v, h)
+WHERE e.id = u.id
+"""
+
+
+@dataclass
+class ReembedReport:
+    collection: str
+    model: str
+    remaining_before: int = 0
+    reembedded: int = 0
+    cache_hits: int = 0
+    requests: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    """doc_id → why the provider refused its text (the document keeps its old vector)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "collection": self.collection,
+            "model": self.model,
+            "remaining_before": self.remaining_before,
+            "reembedded": self.reembedded,
+            "cache_hits": self.cache_hits,
+            "requests": self.requests,
+            "failed": self.failed,
+        }
+
+
+def remaining(conn: psycopg.Connection[Any], collection: str, model: str) -> int:
+    row = conn.execute(_REMAINING, (collection, model)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def reembed(
+    settings: Settings,
+    collection: str,
+    conn: psycopg.Connection[Any],
+    *,
+    embedder: EmbedderFactory = _default_factory,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReembedReport:
+    """Give every live document of ``collection`` the configured model's vector.
+
+    ``progress(done, total)`` is called after each chunk. ``conn`` must not be in a transaction.
+    """
+    check_collection(collection)
+    model = settings.collection_model(collection)
+    report = ReembedReport(collection, model, remaining(conn, collection, model))
+    after = 0
+    done = 0
+    while True:
+        with conn.transaction():
+            rows = conn.execute(
+                _CHUNK, (collection, model, after, settings.embedding_batch_jobs)
+            ).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            done += len(rows)
+            _chunk(conn, settings, model, rows, embedder, report)
+        log.info(
+            "reembed collection=%s model=%s %d/%d",
+            collection,
+            model,
+            done,
+            report.remaining_before,
+            extra={"action": "reembed", "collection": collection, "done": done},
+        )
+        if progress is not None:
+            progress(done, report.remaining_before)
+    return report
+
+
+def _chunk(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    model: str,
+    rows: list[tuple[Any, ...]],
+    embedder: EmbedderFactory,
+    report: ReembedReport,
+) -> None:
+    texts: dict[bytes, str] = {}
+    ids: list[tuple[int, bytes]] = []
+    doc_of: dict[int, str] = {}
+    for row_id, doc_id, text in rows:
+        if text is None:  # nothing to re-embed from
+            report.failed[doc_id] = "no stored text"
+            continue
+        norm = normalise(text)
+        digest = content_hash(norm)
+        texts[digest] = norm
+        ids.append((row_id, digest))
+        doc_of[row_id] = doc_id
+    key = cache_model(settings, model)
+    vectors = {bytes(h): bytes(v) for h, v in conn.execute(_CACHED, (key, list(texts))).fetchall()}
+    report.cache_hits += len(vectors)
+    missing = [(d, t) for d, t in texts.items() if d not in vectors]
+    refused: dict[bytes, str] = {}
+    if missing:
+        result = embedder(settings, model).embed_many([t for _, t in missing])
+        report.requests += result.requests
+        new: list[tuple[bytes, bytes]] = []
+        for i, (digest, _) in enumerate(missing):
+            if i in result.failed:
+                refused[digest] = ": ".join(result.failed[i])
+                continue
+            blob = vector_bytes(result.vectors[i])
+            vectors[digest] = blob
+            new.append((digest, blob))
+        if new:
+            new.sort()
+            conn.execute(
+                _CACHE_PUT, (key, len(new[0][1]) // 4, [h for h, _ in new], [b for _, b in new])
+            )
+    done = [(row_id, digest) for row_id, digest in ids if digest in vectors]
+    for row_id, digest in ids:
+        if digest in refused:
+            report.failed[doc_of[row_id]] = refused[digest]
+    if done:
+        dim = len(vectors[done[0][1]]) // 4
+        conn.execute(
+            _UPDATE,
+            (
+                model,
+                dim,
+                [r for r, _ in done],
+                [vectors[d] for _, d in done],
+                [d for _, d in done],
+            ),
+        )
+    report.reembedded += len(done)
