@@ -23,8 +23,10 @@ from worker.index.choose import Choice, ivf_nprobe_start
 ADD_CHUNK = 50_000
 TRAIN_POINTS_PER_LIST = 50
 RECALL_K = 10
-TUNE_QUERIES = 128
-EVAL_QUERIES = 256
+TUNE_QUERIES = 64
+EVAL_QUERIES = 160
+"""Exact search of these queries over every vector is most of the check's cost (1M x 384:
+~10 ms per query); 1,600 neighbours estimate recall@10 within about ±0.01 at 0.95."""
 TUNE_RECALL_TARGET = 0.95
 QUERY_NOISE = 0.5
 """Sample queries are data vectors plus noise of this norm, renormalised: real queries are near

@@ -23,6 +23,7 @@ reader hashes exactly the bytes it deserialises. Nothing is pickled.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -116,6 +117,10 @@ def write_atomic(
     ``os.replace``, directory fsync); return the sha256 of what was written."""
     directory = path.parent
     digest = hashlib.sha256()
+    # Hashing runs in a thread beside the writes (both release the GIL): on a 1.5 GB index
+    # that hides the ~1 s of sha256 behind the ~2 s of writing.
+    hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="afterwrite-sha256")
+    pending: concurrent.futures.Future[None] | None = None
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=directory)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
@@ -124,13 +129,17 @@ def write_atomic(
                 view = memoryview(part).cast("B")
                 for start in range(0, len(view), WRITE_CHUNK_BYTES):
                     piece = view[start : start + WRITE_CHUNK_BYTES]
+                    if pending is not None:
+                        pending.result()  # in order, at most one chunk ahead
+                    pending = hashing.submit(digest.update, piece)
                     written = 0
                     while written < len(piece):
                         written += f.write(piece[written:]) or 0
-                    digest.update(piece)
                     done += len(piece)
                     if progress is not None:
                         progress(done, total)
+            if pending is not None:
+                pending.result()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -138,6 +147,8 @@ def write_atomic(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        hashing.shutdown(wait=True)
     fsync_dir(directory)
     return digest.hexdigest()
 
