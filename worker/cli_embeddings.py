@@ -19,10 +19,10 @@ def embeddings_cmd() -> None:
 def reembed_cmd(collection: str, as_json: bool) -> None:
     """Give COLLECTION's documents the vectors of its configured model.
 
-    Run it after changing AFTERWRITE_EMBEDDING_MODEL or AFTERWRITE_EMBEDDING_COLLECTION_MODELS
-    (the workers must run with the new setting too). Services keep searching the old index
-    meanwhile; the next rebuild after this finishes publishes the new model's index. Safe to
-    interrupt and run again: it continues where it stopped.
+    Run it after changing AFTERWRITE_EMBEDDING_MODEL, AFTERWRITE_EMBEDDING_COLLECTION_MODELS or
+    AFTERWRITE_EMBEDDING_DIMENSIONS (the workers must run with the new setting too). Services
+    keep searching the old index meanwhile; the next rebuild after this finishes publishes the
+    new model's index. Safe to interrupt and run again: it continues where it stopped.
     """
     from afterwrite.collections import check_collection
     from worker.cli import _db, _fail, _settings, console

@@ -26,8 +26,9 @@ DIM = 8
 class CountingEmbedder:
     """Deterministic unit vectors from the text; remembers every input it was given."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, dim: int = DIM) -> None:
         self.model = model
+        self.dim = dim
         self.limits = Limits(max_inputs=2048, max_input_tokens=8192, max_request_tokens=300_000)
         self.inputs: list[str] = []
         self.refuse: set[str] = set()
@@ -37,7 +38,7 @@ class CountingEmbedder:
         self.calls = 0
 
     def dimension(self) -> int:
-        return DIM
+        return self.dim
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(t.split()) for t in texts]
@@ -56,7 +57,7 @@ class CountingEmbedder:
                 failed[i] = ("provider_rejected", "refused by the provider")
                 continue
             seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little")
-            v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
             vectors[i] = v / np.linalg.norm(v)
         return EmbedResult(vectors, failed, set(), requests=1)
 
@@ -426,3 +427,29 @@ def test_reembed_moves_a_collection_to_its_new_model(
     again = reembed(settings, "docs", pg, embedder=lambda s, m: new)
     assert again.remaining_before == 0
     assert again.reembedded == 0
+
+
+def test_reembed_after_a_dimensions_change(
+    client: Client,
+    runtime: Runtime,
+    stage: EmbedStage,
+    pg: psycopg.Connection[Any],
+) -> None:
+    from worker.embedding.reembed import reembed
+
+    for i in range(5):
+        client.embed("docs", f"d{i}", f"document {i}")
+    _deliver(runtime, stage)
+    seqs = {d: r["seq"] for d, r in _docs(pg).items()}
+
+    shorter = CountingEmbedder("test-model", dim=4)
+    settings = runtime.settings.model_copy(
+        update={"embedding_model": "test-model", "embedding_dimensions": 4}
+    )
+    report = reembed(settings, "docs", pg, embedder=lambda s, m: shorter)
+    assert report.reembedded == 5
+    assert len(shorter.inputs) == 5  # the 8-dimension cache entries are not 4-dimension ones
+    for doc, row in _docs(pg).items():
+        assert row["dim"] == 4
+        assert len(row["vector"]) == 16
+        assert row["seq"] > seqs[doc]

@@ -24,19 +24,21 @@ from worker.embedding.stage import (
     _default_factory,
     cache_model,
     content_hash,
+    expected_dim,
     normalise,
     vector_bytes,
 )
 
 log = logging.getLogger("afterwrite.embedding")
 
-_REMAINING = """
-SELECT count(*) FROM embeddings
-WHERE collection = %s AND NOT deleted AND model IS DISTINCT FROM %s
+# Another model, or (AFTERWRITE_EMBEDDING_DIMENSIONS changed) another dimension.
+_STALE = "(model IS DISTINCT FROM %s OR dim IS DISTINCT FROM coalesce(%s::int, dim))"
+_REMAINING = f"""
+SELECT count(*) FROM embeddings WHERE collection = %s AND NOT deleted AND {_STALE}
 """
-_CHUNK = """
+_CHUNK = f"""
 SELECT id, doc_id, text FROM embeddings
-WHERE collection = %s AND NOT deleted AND model IS DISTINCT FROM %s AND id > %s
+WHERE collection = %s AND NOT deleted AND {_STALE} AND id > %s
 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
 """
 _CACHED = (
@@ -77,8 +79,10 @@ class ReembedReport:
         }
 
 
-def remaining(conn: psycopg.Connection[Any], collection: str, model: str) -> int:
-    row = conn.execute(_REMAINING, (collection, model)).fetchone()
+def remaining(
+    conn: psycopg.Connection[Any], collection: str, model: str, dim: int | None = None
+) -> int:
+    row = conn.execute(_REMAINING, (collection, model, dim)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -96,13 +100,14 @@ def reembed(
     """
     check_collection(collection)
     model = settings.collection_model(collection)
-    report = ReembedReport(collection, model, remaining(conn, collection, model))
+    dim = expected_dim(settings, model)
+    report = ReembedReport(collection, model, remaining(conn, collection, model, dim))
     after = 0
     done = 0
     while True:
         with conn.transaction():
             rows = conn.execute(
-                _CHUNK, (collection, model, after, settings.embedding_batch_jobs)
+                _CHUNK, (collection, model, dim, after, settings.embedding_batch_jobs)
             ).fetchall()
             if not rows:
                 break

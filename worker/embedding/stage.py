@@ -116,7 +116,8 @@ ON CONFLICT (collection, doc_id) DO UPDATE SET
 WHERE embeddings.job_id < EXCLUDED.job_id
 """.format(
     same="(embeddings.deleted = EXCLUDED.deleted AND embeddings.model IS NOT DISTINCT FROM "
-    "EXCLUDED.model AND embeddings.content_hash IS NOT DISTINCT FROM EXCLUDED.content_hash)"
+    "EXCLUDED.model AND embeddings.dim IS NOT DISTINCT FROM EXCLUDED.dim "
+    "AND embeddings.content_hash IS NOT DISTINCT FROM EXCLUDED.content_hash)"
 )
 _DONE = "DELETE FROM embedding_jobs WHERE id = ANY(%s)"
 CANARY_TEXT = "afterwrite provider check"
@@ -130,6 +131,13 @@ def cache_model(settings: Settings, model: str) -> str:
     if dims is None or model == LOCAL_MODEL_ID:
         return model
     return f"{model}@{dims}"
+
+
+def expected_dim(settings: Settings, model: str) -> int | None:
+    """The dimension vectors of ``model`` must have, when the settings fix it."""
+    if model == LOCAL_MODEL_ID:
+        return None
+    return settings.embedding_dimensions
 
 
 def normalise(text: str) -> str:
