@@ -40,7 +40,7 @@ log = logging.getLogger("afterwrite.index")
 _StatKey = tuple[int, int, int]
 
 QUERY_EMBED_TIMEOUT_S = 5.0
-"""Provider timeout when a text query is embedded (one retry)."""
+"""Provider timeout when a text query is embedded (no retries)."""
 
 
 class IndexUnavailable(LookupError):
@@ -336,13 +336,20 @@ class IndexReader:
             settings = self._settings = load_settings()
         # A search serves a request: a short provider timeout and one retry, not the
         # worker's patience (minutes of retries would hang the caller's handler).
-        quick = settings.model_copy(
-            update={
-                "embedding_timeout_s": min(settings.embedding_timeout_s, QUERY_EMBED_TIMEOUT_S),
-                "embedding_max_retries": min(settings.embedding_max_retries, 1),
-            }
-        )
-        result = make_embedder(quick, model).embed_many([text])
+        from worker.embedding.providers import LOCAL_MODEL_ID
+        from worker.embedding.stage import normalise
+
+        view = self._view
+        update: dict[str, Any] = {
+            "embedding_timeout_s": min(settings.embedding_timeout_s, QUERY_EMBED_TIMEOUT_S),
+            # no retries: a 429's Retry-After could hold the caller's request for a minute
+            "embedding_max_retries": 0,
+        }
+        if view is not None and model != LOCAL_MODEL_ID and settings.embedding_dimensions:
+            update["embedding_dimensions"] = int(view.loaded.manifest["dim"])  # as built
+        quick = settings.model_copy(update=update)
+        # embedded exactly as stored documents are
+        result = make_embedder(quick, model).embed_many([normalise(text)])
         if 0 not in result.vectors:
             code, detail = result.failed.get(0, ("failed", "no vector"))
             raise ValueError(f"cannot embed the query: {code}: {detail}")

@@ -22,6 +22,7 @@ from afterwrite import logs
 from afterwrite.settings import Settings, SettingsError, load_settings
 from models.registry import import_kind_modules, kinds
 from worker import shutdown
+from worker.embedding.stage import embed_time_limit_s
 from worker.retention import retention_days
 from worker.runtime import RuntimeHolder
 
@@ -85,7 +86,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "schedule": settings.index_refresh_interval_s,
         "options": {"expires": max(5.0, 5 * settings.index_refresh_interval_s)},
     }
-    embed_wait_s = settings.embedding_timeout_s * (settings.embedding_max_retries + 2)
+    embed_limit_s = embed_time_limit_s(settings)
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -104,8 +105,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_annotations": {
             # An embedding batch may wait out every retry of its provider requests.
             EMBED_TASK: {
-                "soft_time_limit": settings.drain_budget_s + embed_wait_s,
-                "time_limit": settings.drain_budget_s + embed_wait_s + settings.batch_timeout_s,
+                "soft_time_limit": embed_limit_s,
+                "time_limit": embed_limit_s + settings.batch_timeout_s,
             }
         },
         "worker_send_task_events": True,

@@ -6,6 +6,7 @@ is opened on first use inside the process that uses it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -55,7 +56,12 @@ class Database:
             try:
                 conn.rollback()
             except psycopg.OperationalError:
-                self._conn = None  # the server went away mid-transaction; reconnect next time
+                # The server went away mid-transaction, or a statement is still running (a
+                # time limit interrupted it): close, so the session ends and its locks go
+                # now rather than at a server timeout; reconnect next time.
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+                self._conn = None
 
     def close(self) -> None:
         if self._conn is not None:

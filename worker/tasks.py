@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from afterwrite import logs
 from models.registry import kinds
 from worker import slots
 from worker.app import (
@@ -23,6 +24,7 @@ from worker.app import (
     RETENTION_TASK,
     app,
 )
+from worker.embedding.stage import embed_time_limit_s
 from worker.errors import Failure, classify
 from worker.retention import run_retention
 from worker.runtime import Runtime
@@ -44,7 +46,8 @@ def _guarded(
     backoff: str = "store",
 ) -> dict[str, Any]:
     rt = _runtime()
-    wait_s = rt.backing_off(backoff)
+    stuck = f"config:{action}:{kind}"  # this task's own pause after a configuration failure
+    wait_s = max(rt.backing_off(backoff), rt.backing_off(stuck))
     if wait_s > 0:
         return {"kind": kind, "skipped": f"backing off {wait_s:.1f}s after a failure"}
     try:
@@ -52,6 +55,9 @@ def _guarded(
     except Exception as exc:
         failure = classify(exc)
         if failure is not Failure.TRANSIENT:
+            # Not retried at once either: the next kicks (every second) would repeat the same
+            # error (and, for a provider, the same refused request) until someone fixes it.
+            rt.failed(stuck)
             log.error(
                 "%s of %s failed (%s): %s",
                 action,
@@ -71,11 +77,14 @@ def _guarded(
             delay,
             extra={"action": action, "kind": kind, "failure": "transient"},
         )
-        return {"kind": kind, "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay}
+        # Flower shows this result: no connection string or key in it
+        error = logs.mask(f"{type(exc).__name__}: {exc}")
+        return {"kind": kind, "error": error, "retry_in_s": delay}
     # Only a committed batch shows that Redis and PostgreSQL both work again: a reclaim that
     # found nothing idle, or a drain with nothing to do, must not reset the backoff.
     if result.get("batches", 0) > 0:
         rt.succeeded(backoff)
+        rt.succeeded(stuck)
     return result
 
 
@@ -122,9 +131,7 @@ def embed() -> dict[str, Any]:
 
     def work(rt: Runtime) -> dict[str, Any]:
         s = rt.settings
-        ttl_ms = int(
-            (s.drain_budget_s + s.embedding_timeout_s * (s.embedding_max_retries + 3)) * 1000
-        )
+        ttl_ms = int((embed_time_limit_s(s) + s.batch_timeout_s) * 1000)
         slot = slots.acquire(rt.redis, f"{s.stream_prefix}:embedders", s.embedding_workers, ttl_ms)
         if slot is None:
             return {"kind": "embed", "skipped": "all embedding slots busy"}

@@ -35,6 +35,8 @@ class CountingEmbedder:
         self.explode: set[str] = set()
         """Texts that make every request containing them fail (like a 500 for that input)."""
         self.down = False
+        self.down_after: int | None = None
+        """The provider goes away for good after this many calls."""
         self.calls = 0
 
     def dimension(self) -> int:
@@ -45,6 +47,8 @@ class CountingEmbedder:
 
     def embed_many(self, texts: Sequence[str]) -> EmbedResult:
         self.calls += 1
+        if self.down_after is not None and self.calls > self.down_after:
+            self.down = True
         if self.down:
             raise TransientProviderError("provider away")
         if self.explode.intersection(texts):
@@ -331,6 +335,57 @@ def test_an_input_that_always_fails_the_provider_is_isolated_not_blocking(
     assert pg.execute("SELECT count(*) FROM embedding_jobs").fetchone() == (0,)
     # bisection, not one request per input
     assert embedder.calls < 20
+
+
+def test_an_outage_during_isolation_dead_letters_nothing(
+    client: Client,
+    runtime: Runtime,
+    stage: EmbedStage,
+    embedder: CountingEmbedder,
+    pg: psycopg.Connection[Any],
+) -> None:
+    embedder.explode.add("text 13")
+    embedder.down_after = 4  # the batch fails, the canary answers, then the provider goes away
+    for i in range(40):
+        client.embed("docs", f"d{i}", f"text {i}")
+    runtime.drain("embed").run(10)
+    with pytest.raises(TransientProviderError):
+        stage.run(30)
+    runtime.db.discard_if_broken()
+    assert pg.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+    assert pg.execute("SELECT count(*) FROM embedding_jobs").fetchone() == (40,)
+
+
+def test_after_a_failed_batch_the_next_one_is_smaller(
+    client: Client,
+    runtime: Runtime,
+    embedder: CountingEmbedder,
+    pg: psycopg.Connection[Any],
+) -> None:
+    settings = runtime.settings.model_copy(
+        update={"embedding_model": "test-model", "embedding_batch_jobs": 8}
+    )
+    stage = EmbedStage(
+        settings, runtime.db.connection, runtime.redis, embedder=lambda s, m: embedder
+    )
+    try:
+        for i in range(20):
+            client.embed("docs", f"d{i}", f"text {i}")
+        runtime.drain("embed").run(10)
+        embedder.down = True
+        for _ in range(2):
+            with pytest.raises(TransientProviderError):
+                stage.process_batch()
+            runtime.db.discard_if_broken()
+        embedder.down = False
+        counts, _ = stage.process_batch()
+        assert counts["jobs"] == 2  # 8 halved twice
+        counts, _ = stage.process_batch()
+        assert counts["jobs"] == 4  # one success undoes one halving
+        counts, _ = stage.process_batch()
+        assert counts["jobs"] == 8
+    finally:
+        stage.close()
 
 
 def test_vectors_paid_for_survive_a_rolled_back_batch(

@@ -53,7 +53,9 @@ def test_binary_copy_parser_rejects_wrong_width_and_truncation() -> None:
 
 def test_text_copy_doc_ids_are_unescaped() -> None:
     data = b"1\tplain\n2\ttab\\there\n3\tback\\\\slash\n4\tnew\\nline\n"
-    assert parse_id_text(data) == {1: "plain", 2: "tab\there", 3: "back\\slash", 4: "new\nline"}
+    docs, ids = parse_id_text(data)
+    assert docs == ["plain", "tab\there", "back\\slash", "new\nline"]
+    assert ids.tolist() == [1, 2, 3, 4]
 
 
 def test_choice_by_size_and_budget() -> None:

@@ -36,10 +36,11 @@ _STALE = "(model IS DISTINCT FROM %s OR dim IS DISTINCT FROM coalesce(%s::int, d
 _REMAINING = f"""
 SELECT count(*) FROM embeddings WHERE collection = %s AND NOT deleted AND {_STALE}
 """
+# Read without locks: provider calls never hold rows the embedding stage wants to write.
 _CHUNK = f"""
 SELECT id, doc_id, text FROM embeddings
 WHERE collection = %s AND NOT deleted AND {_STALE} AND id > %s
-ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
+ORDER BY id LIMIT %s
 """
 _CACHED = (
     "SELECT content_hash, vector FROM embedding_cache WHERE model = %s AND content_hash = ANY(%s)"
@@ -48,11 +49,13 @@ _CACHE_PUT = """
 INSERT INTO embedding_cache (model, content_hash, dim, vector)
 SELECT %s, h, %s, v FROM unnest(%s::bytea[], %s::bytea[]) AS t(h, v) ON CONFLICT DO NOTHING
 """
+# Only rows whose text is still the one embedded: a document the stage changed or deleted
+# meanwhile keeps what the stage wrote.
 _UPDATE = """
 UPDATE embeddings e SET model = %s, dim = %s, vector = u.v, content_hash = u.h,
     seq = nextval('embedding_seq'), embedded_at = now()
 FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[]) AS u(id, v, h)
-WHERE e.id = u.id
+WHERE e.id = u.id AND NOT e.deleted AND e.content_hash = u.h
 """
 
 
@@ -96,35 +99,41 @@ def reembed(
 ) -> ReembedReport:
     """Give every live document of ``collection`` the configured model's vector.
 
-    ``progress(done, total)`` is called after each chunk. ``conn`` must not be in a transaction.
+    ``progress(done, total)`` is called after each chunk. ``conn`` must be in autocommit mode
+    (provider calls run outside transactions; each chunk's update is one short transaction).
     """
     check_collection(collection)
     model = settings.collection_model(collection)
     dim = expected_dim(settings, model)
     report = ReembedReport(collection, model, remaining(conn, collection, model, dim))
-    after = 0
     done = 0
+    # Passes over the collection in id order until one changes nothing: a row the stage
+    # rewrote while this pass embedded it is picked up by the next pass if still stale.
     while True:
-        with conn.transaction():
+        before = report.reembedded
+        after = 0
+        while True:
             rows = conn.execute(
                 _CHUNK, (collection, model, dim, after, settings.embedding_batch_jobs)
             ).fetchall()
             if not rows:
                 break
             after = rows[-1][0]
-            done += len(rows)
+            rows = [r for r in rows if r[1] not in report.failed]
             _chunk(conn, settings, model, rows, embedder, report)
-        log.info(
-            "reembed collection=%s model=%s %d/%d",
-            collection,
-            model,
-            done,
-            report.remaining_before,
-            extra={"action": "reembed", "collection": collection, "done": done},
-        )
-        if progress is not None:
-            progress(done, report.remaining_before)
-    return report
+            done = report.reembedded
+            log.info(
+                "reembed collection=%s model=%s %d/%d",
+                collection,
+                model,
+                done,
+                report.remaining_before,
+                extra={"action": "reembed", "collection": collection, "done": done},
+            )
+            if progress is not None:
+                progress(min(done, report.remaining_before), report.remaining_before)
+        if report.reembedded == before or not remaining(conn, collection, model, dim):
+            return report
 
 
 def _chunk(
@@ -174,7 +183,7 @@ def _chunk(
             report.failed[doc_of[row_id]] = refused[digest]
     if done:
         dim = len(vectors[done[0][1]]) // 4
-        conn.execute(
+        updated = conn.execute(
             _UPDATE,
             (
                 model,
@@ -183,5 +192,5 @@ def _chunk(
                 [vectors[d] for _, d in done],
                 [d for _, d in done],
             ),
-        )
-    report.reembedded += len(done)
+        ).rowcount
+        report.reembedded += max(0, updated)

@@ -24,7 +24,9 @@ the jobs wait for the next run. Provider calls happen inside the transaction, so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -74,7 +76,7 @@ STATS_FIELDS = (
 _json = msgspec.json.Encoder()
 
 _TAKE = """
-SELECT id, created_at, collection, doc_id, op, text, metadata, ingested_at
+SELECT id, created_at, collection, doc_id, op, text, metadata::text, ingested_at
 FROM embedding_jobs ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
 """
 _EXISTING = """
@@ -120,8 +122,18 @@ WHERE embeddings.job_id < EXCLUDED.job_id
     "AND embeddings.content_hash IS NOT DISTINCT FROM EXCLUDED.content_hash)"
 )
 _DONE = "DELETE FROM embedding_jobs WHERE id = ANY(%s)"
+MAX_ISOLATED = 3
+"""More inputs than this failing alone in one batch means the provider is failing, not them."""
 CANARY_TEXT = "afterwrite provider check"
 """Embedded when a request keeps failing, to tell a provider outage from a poison input."""
+
+
+def embed_time_limit_s(settings: Settings) -> float:
+    """How long one embedding task may run (its soft time limit): a batch may wait out every
+    retry of a provider request."""
+    return settings.drain_budget_s + settings.embedding_timeout_s * (
+        settings.embedding_max_retries + 2
+    )
 
 
 def cache_model(settings: Settings, model: str) -> str:
@@ -163,7 +175,8 @@ class Job:
     doc_id: str
     op: str
     text: str | None
-    metadata: Any
+    metadata: str | None
+    """As stored (jsonb text): passed through untouched."""
     ingested_at: datetime
 
     @property
@@ -182,7 +195,7 @@ class Job:
         if self.text is not None:
             out["text"] = self.text
         if self.metadata is not None:
-            out["metadata"] = self.metadata
+            out["metadata"] = json.loads(self.metadata)
         return out
 
 
@@ -251,6 +264,7 @@ class EmbedStage:
         self._clock = clock
         self._cache_conn: psycopg.Connection[Any] | None = None
         self._embedded_now: set[tuple[str, bytes]] = set()
+        self._isolated = 0
 
     def close(self) -> None:
         if self._cache_conn is not None:
@@ -280,18 +294,28 @@ class EmbedStage:
         counts = dict.fromkeys(STATS_FIELDS, 0)
         conn = self._connect()
         started = self._clock()
-        with conn.transaction():
-            # Provider calls (with retries) run inside this transaction.
-            s = self.settings
-            idle_ms = int((s.embedding_timeout_s * (s.embedding_max_retries + 2) + 60) * 1000)
-            conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
-            jobs = [Job(*row) for row in conn.execute(_TAKE, (s.embedding_batch_jobs,))]
-            if not jobs:
-                return counts, None
-            counts["jobs"] = len(jobs)
-            self._apply(conn, jobs, counts)
-            conn.execute(_DONE, ([j.id for j in jobs],))
-            lag_s = max(0.0, time.time() - min(j.created_at.timestamp() for j in jobs))
+        s = self.settings
+        size = self._batch_size()
+        try:
+            with conn.transaction():
+                # Provider calls (with retries) run inside this transaction: it may stay idle
+                # for as long as the task may run.
+                idle_ms = int((embed_time_limit_s(s) + 60) * 1000)
+                conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
+                jobs = [Job(*row) for row in conn.execute(_TAKE, (size,))]
+                if not jobs:
+                    return counts, None
+                counts["jobs"] = len(jobs)
+                self._apply(conn, jobs, counts)
+                conn.execute(_DONE, ([j.id for j in jobs],))
+                lag_s = max(0.0, time.time() - min(j.created_at.timestamp() for j in jobs))
+        except Exception:
+            # The same oldest jobs come first again: halve the next batch each time, so a job
+            # that hangs the provider or outlasts the time limit ends up alone in a batch of
+            # one, where isolation can dead-letter it.
+            self._shrink(+1)
+            raise
+        self._shrink(-1)
         self._count(counts)
         log.info(
             "embed batch jobs=%d embedded=%d cache_hits=%d unchanged=%d deleted=%d failed=%d "
@@ -312,6 +336,7 @@ class EmbedStage:
         self, conn: psycopg.Connection[Any], jobs: list[Job], counts: dict[str, int]
     ) -> None:
         self._embedded_now.clear()
+        self._isolated = 0
         latest: dict[tuple[str, str], Job] = {}
         for job in jobs:  # oldest first: the last one per document wins
             latest[job.key] = job
@@ -393,12 +418,22 @@ class EmbedStage:
         failed: dict[tuple[str, bytes], tuple[str, str]],
         counts: dict[str, int],
     ) -> None:
-        """Embed ``missing`` in chunks of one provider request's worth, storing each chunk's
-        vectors in the cache at once (own connection, autocommit): if this batch later rolls
-        back, a retry finds them there and pays the provider nothing again."""
-        size = max(1, self.settings.embedding_max_inputs)
-        for start in range(0, len(missing), size):
-            self._embed_chunk(model, missing[start : start + size], vectors, failed, counts, False)
+        """Embed ``missing`` one provider request at a time (the provider's own plan: inputs
+        and tokens per request), storing each request's vectors in the cache at once (own
+        connection, autocommit): if this batch later rolls back, a retry finds them there and
+        pays the provider nothing again."""
+        from worker.embedding.providers import plan_requests
+
+        embedder = self._embedder(self.settings, model)
+        texts = [t for _, t in missing]
+        plan = plan_requests(
+            embedder.count_tokens(texts), embedder.limits, self.settings.embedding_overlong
+        )
+        for i, why in plan.failed.items():
+            failed[(model, missing[i][0])] = why
+        for request in plan.requests:
+            chunk = [missing[i] for i in request]
+            self._embed_chunk(model, chunk, vectors, failed, counts, False)
 
     def _embed_chunk(
         self,
@@ -415,11 +450,15 @@ class EmbedStage:
         try:
             result = self._embedder(settings, model).embed_many([t for _, t in chunk])
         except TransientProviderError as exc:
-            # The provider may be down (retry the batch later: raise), or one input may make
-            # it fail every time (a 500 for that text only). A known-good input tells which.
+            # The provider may be down or throttling (retry the batch later: raise), or one
+            # input may make it fail every time (a 500 for that text only). A known-good input,
+            # asked right before each verdict, tells which.
             if not isolating and not self._provider_answers(model):
                 raise
             if len(chunk) == 1:
+                if self._isolated >= MAX_ISOLATED or not self._provider_answers(model):
+                    raise  # not one bad input: the provider is failing; the batch waits
+                self._isolated += 1
                 failed[(model, chunk[0][0])] = ("provider_failed", str(exc)[:500])
                 return
             half = len(chunk) // 2
@@ -509,6 +548,31 @@ class EmbedStage:
             detail=detail,
         )
 
+    def _shrink_key(self) -> str:
+        return f"{self.settings.stream_prefix}:embed:shrink"
+
+    def _batch_size(self) -> int:
+        """``embedding_batch_jobs``, halved once per recent failed batch (shared by workers)."""
+        level = 0
+        if self._redis is not None:
+            with contextlib.suppress(redis.RedisError, ValueError, TypeError):
+                level = int(self._redis.get(self._shrink_key()) or 0)
+        return max(1, self.settings.embedding_batch_jobs >> max(0, min(level, 30)))
+
+    def _shrink(self, step: int) -> None:
+        if self._redis is None:
+            return
+        key = self._shrink_key()
+        with contextlib.suppress(redis.RedisError):
+            if step > 0:
+                pipe = self._redis.pipeline()
+                pipe.incr(key)
+                pipe.expire(key, 3600)
+                pipe.execute()
+            # one success undoes one halving; the key goes away at zero
+            elif self._redis.exists(key) and int(self._redis.decr(key)) <= 0:
+                self._redis.delete(key)
+
     def _count(self, counts: dict[str, int]) -> None:
         if self._redis is None:
             return
@@ -552,7 +616,7 @@ class _Row:
             digest,
             vector,
             job.text,
-            None if job.metadata is None else _json.encode(job.metadata).decode(),
+            job.metadata,
             job.created_at,
             job.ingested_at,
         )

@@ -478,5 +478,18 @@ def rollback(settings: Settings, collection: str, to: int | None = None) -> dict
     """Re-publish an earlier kept version (under the build lock, waiting up to 30 s)."""
     check_collection(collection)
     directory = publish.collection_dir(settings.index_path, collection)
-    with collection_lock(settings.require_database_url(), BUILD, collection, wait_s=30.0):
-        return publish.rollback(directory, collection, to)
+    url = settings.require_database_url()
+    with (
+        collection_lock(url, BUILD, collection, wait_s=30.0),
+        collection_lock(url, DELTA, collection, wait_s=30.0) as conn,
+    ):
+        result = publish.rollback(directory, collection, to)
+        # The version served again gets a delta of everything since its build (its old delta
+        # file is stale: deletions since then would come back). Readers see the stale one
+        # only between these two atomic writes.
+        manifest = files.read_manifest(directory)
+        if manifest is not None:
+            started = _now()
+            fresh = deltas.refresh(conn, directory, collection, manifest, force=True)
+            _record_delta(conn, collection, manifest, fresh, started)
+        return result

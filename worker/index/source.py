@@ -212,14 +212,22 @@ def read_vectors(
     progress: Progress | None = None,
 ) -> Vectors:
     """The collection's live vectors of ``model``, sorted by id. Call inside one REPEATABLE
-    READ transaction: the count, the vectors and the doc ids then describe the same rows."""
+    READ transaction: the doc ids and the vectors then describe the same rows."""
     where = (
         "collection = %s AND NOT deleted AND model = %s AND dim = %s AND octet_length(vector) = %s"
     )
     params = (collection, model, dim, dim * 4)
-    total = count_rows(conn, collection, model, dim)
-    parser = BinaryRowParser(dim, total)
     cur = conn.cursor()
+    # The doc ids first, in id order: their count sizes the vector arrays exactly (no separate
+    # count(*) scan), and they line up with the sorted vectors without a million-entry dict.
+    with cur.copy(
+        f"COPY (SELECT id, doc_id FROM embeddings WHERE {where} ORDER BY id) TO STDOUT", params
+    ) as copy:
+        text = b"".join(bytes(c) for c in copy)
+    doc_ids, doc_row_ids = parse_id_text(text)
+    del text
+    total = len(doc_ids)
+    parser = BinaryRowParser(dim, total)
     with cur.copy(
         f"COPY (SELECT id, vector FROM embeddings WHERE {where}) TO STDOUT (FORMAT BINARY)",
         params,
@@ -231,18 +239,11 @@ def read_vectors(
                 last = parser.count
                 progress("read", parser.count, total)
     ids, vectors = parser.finish()
-    with cur.copy(
-        f"COPY (SELECT id, doc_id FROM embeddings WHERE {where}) TO STDOUT", params
-    ) as copy:
-        text = b"".join(bytes(c) for c in copy)
-    doc_of = parse_id_text(text)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     vectors = vectors[order] if not _is_identity(order) else vectors
-    try:
-        doc_ids = [doc_of[int(i)] for i in ids]
-    except KeyError as exc:
-        raise SourceError(f"row {exc} has a vector but no doc id in the same snapshot") from None
+    if not np.array_equal(doc_row_ids, ids):
+        raise SourceError("the vectors and the doc ids do not describe the same rows")
     if progress is not None:
         progress("read", len(ids), total)
     return Vectors(ids, vectors, doc_ids)
@@ -255,15 +256,18 @@ def _is_identity(order: npt.NDArray[np.intp]) -> bool:
 _TEXT_ESCAPES = {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"v": b"\v"}
 
 
-def parse_id_text(data: bytes) -> dict[int, str]:
-    """``{id: doc_id}`` from a text-format COPY of ``(bigint, text)`` rows (one line each)."""
-    out: dict[int, str] = {}
+def parse_id_text(data: bytes) -> tuple[list[str], npt.NDArray[np.int64]]:
+    """Doc ids and row ids, in stream order, from a text-format COPY of ``(bigint, text)``
+    rows (one line each)."""
+    docs: list[str] = []
+    row_ids: list[int] = []
     for line in data.split(b"\n"):
         if not line:
             continue
         rid, _, doc = line.partition(b"\t")
-        out[int(rid)] = (_unescape(doc) if b"\\" in doc else doc).decode()
-    return out
+        row_ids.append(int(rid))
+        docs.append((_unescape(doc) if b"\\" in doc else doc).decode())
+    return docs, np.asarray(row_ids, dtype=np.int64)
 
 
 def _unescape(field: bytes) -> bytes:
@@ -330,10 +334,10 @@ def read_changed(
     top = since_seq
     for rid, doc_id, deleted, row_model, row_dim, vector, seq in rows:
         top = max(top, int(seq))
-        if not deleted and row_model != model:
-            # Re-embedded with another model (a model change in progress): the main index
-            # still holds this document's vector of the index's model; keep serving it until
-            # the next build switches the whole collection.
+        if not deleted and (row_model != model or row_dim != dim):
+            # Re-embedded with another model or dimension (a change in progress): the main
+            # index still holds this document's vector of the index's model; keep serving it
+            # until the next build switches the whole collection.
             continue
         masked.append(int(rid))
         if (
