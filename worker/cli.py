@@ -88,7 +88,7 @@ def worker(ctx: click.Context, concurrency: int | None) -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def beat(ctx: click.Context) -> None:
-    """Start Celery beat, which kicks drains and reclaims on schedule."""
+    """Start Celery beat: drains, reclaims, embedding, index rebuilds and refreshes, retention."""
     settings = _settings()
     _celery(["beat", "--loglevel", settings.log_level, *ctx.args])
 
