@@ -94,7 +94,7 @@ ON CONFLICT DO NOTHING
 """
 # One statement for vectors and tombstones; every row carries its whole state (an unchanged
 # document its cached vector), so whatever a concurrent batch committed meanwhile, the row ends
-# up consistent. ``seq`` and ``embedded_at`` move only when the model, the text or the tombstone
+# up consistent. ``seq`` and ``embedded_at`` move only when the vector, model, text or tombstone
 # changes, so metadata-only updates trigger no rebuild.
 _UPSERT = """
 INSERT INTO embeddings (collection, doc_id, job_id, deleted, model, dim, content_hash, vector,
@@ -119,7 +119,10 @@ WHERE embeddings.job_id < EXCLUDED.job_id
 """.format(
     same="(embeddings.deleted = EXCLUDED.deleted AND embeddings.model IS NOT DISTINCT FROM "
     "EXCLUDED.model AND embeddings.dim IS NOT DISTINCT FROM EXCLUDED.dim "
-    "AND embeddings.content_hash IS NOT DISTINCT FROM EXCLUDED.content_hash)"
+    "AND embeddings.content_hash IS NOT DISTINCT FROM EXCLUDED.content_hash "
+    # two workers embedding the same new text at once may get different vectors for it:
+    # whichever lands, a changed vector is a change the index must see
+    "AND embeddings.vector IS NOT DISTINCT FROM EXCLUDED.vector)"
 )
 _DONE = "DELETE FROM embedding_jobs WHERE id = ANY(%s)"
 MAX_ISOLATED = 3
