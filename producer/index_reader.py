@@ -212,7 +212,7 @@ class IndexReader:
         with self._lock:
             try:
                 self._check()
-            except Exception:
+            except Exception:  # any failure: this thread must end quietly, the old view serves
                 log.exception(
                     "index %s: reload failed; still serving v%s",
                     self.collection,

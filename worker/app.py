@@ -49,43 +49,46 @@ def check_kind_settings(settings: Settings) -> None:
             )
 
 
+def _periodic(
+    task: str, every_s: float, *, expires_s: float | None = None, args: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A beat entry. A kick nobody picked up within ``expires_s`` (default: one interval) is
+    dropped: the next one does the same work."""
+    entry: dict[str, Any] = {
+        "task": task,
+        "schedule": every_s,
+        "options": {"expires": expires_s if expires_s is not None else every_s},
+    }
+    if args:
+        entry["args"] = args
+    return entry
+
+
+def _frequent_expiry_s(every_s: float) -> float:
+    """Kicks every second or so may wait a few intervals (a busy pool) before they expire."""
+    return max(5.0, 5 * every_s)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
-    kick_expiry_s = max(5.0, 5 * settings.drain_interval_s)
+    s = settings
     schedule: dict[str, Any] = {}
     for kind in kinds:
-        schedule[f"drain:{kind.name}"] = {
-            "task": DRAIN_TASK,
-            "schedule": settings.drain_interval_s,
-            "args": (kind.name,),
-            # A kick nobody picked up in time is dropped: the next one does the same work.
-            "options": {"expires": kick_expiry_s},
-        }
-        schedule[f"reclaim:{kind.name}"] = {
-            "task": RECLAIM_TASK,
-            "schedule": settings.reclaim_interval_s,
-            "args": (kind.name,),
-            "options": {"expires": settings.reclaim_interval_s},
-        }
-    schedule["retention"] = {
-        "task": RETENTION_TASK,
-        "schedule": settings.retention_interval_s,
-        "options": {"expires": settings.retention_interval_s},
-    }
-    schedule["embed"] = {
-        "task": EMBED_TASK,
-        "schedule": settings.embedding_interval_s,
-        "options": {"expires": max(5.0, 5 * settings.embedding_interval_s)},
-    }
-    schedule["index_rebuild"] = {
-        "task": INDEX_REBUILD_TASK,
-        "schedule": settings.index_rebuild_interval_s,
-        "options": {"expires": settings.index_rebuild_interval_s},
-    }
-    schedule["index_refresh"] = {
-        "task": INDEX_REFRESH_TASK,
-        "schedule": settings.index_refresh_interval_s,
-        "options": {"expires": max(5.0, 5 * settings.index_refresh_interval_s)},
-    }
+        name = (kind.name,)
+        schedule[f"drain:{kind.name}"] = _periodic(
+            DRAIN_TASK, s.drain_interval_s, expires_s=_frequent_expiry_s(s.drain_interval_s),
+            args=name,
+        )  # fmt: skip
+        schedule[f"reclaim:{kind.name}"] = _periodic(RECLAIM_TASK, s.reclaim_interval_s, args=name)
+    schedule["retention"] = _periodic(RETENTION_TASK, s.retention_interval_s)
+    schedule["embed"] = _periodic(
+        EMBED_TASK, s.embedding_interval_s, expires_s=_frequent_expiry_s(s.embedding_interval_s)
+    )
+    schedule["index_rebuild"] = _periodic(INDEX_REBUILD_TASK, s.index_rebuild_interval_s)
+    schedule["index_refresh"] = _periodic(
+        INDEX_REFRESH_TASK,
+        s.index_refresh_interval_s,
+        expires_s=_frequent_expiry_s(s.index_refresh_interval_s),
+    )
     embed_limit_s = embed_time_limit_s(settings)
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,

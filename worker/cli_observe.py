@@ -25,7 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import click
 from rich.table import Table
 
-from afterwrite.settings import SettingsError
+from afterwrite.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -83,6 +83,19 @@ def metrics_app(settings: Any, *, authenticated: bool) -> WSGIApplication:
     return app
 
 
+def _service_settings() -> Settings:
+    """Settings with both Redis and PostgreSQL configured, or exit 2 naming what is missing."""
+    from worker.cli import _fail, _settings
+
+    settings = _settings()
+    try:
+        settings.require_redis_url()
+        settings.require_database_url()
+    except SettingsError as exc:
+        _fail(str(exc))
+    return settings
+
+
 @click.command("metrics-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9808, show_default=True, type=int, help="Port to listen on.")
@@ -95,14 +108,9 @@ def metrics_server(host: str, port: int, unauthenticated: bool) -> None:
     Needs AFTERWRITE_FLOWER_USER and AFTERWRITE_FLOWER_PASSWORD (HTTP basic), unless
     --unauthenticated. Metric names: docs/monitoring.md.
     """
-    from worker.cli import _fail, _settings
+    from worker.cli import _fail
 
-    settings = _settings()
-    try:
-        settings.require_redis_url()
-        settings.require_database_url()
-    except SettingsError as exc:
-        _fail(str(exc))
+    settings = _service_settings()
     authenticated = not (unauthenticated or settings.flower_unauthenticated)
     if authenticated and not (settings.flower_user and settings.flower_password):
         _fail(
@@ -150,15 +158,9 @@ def health(as_json: bool, max_backlog_age_s: float, timeout_s: float, no_worker:
 
     Exit codes: 0 healthy, 1 a check failed, 2 bad configuration.
     """
-    from worker.cli import _fail, _settings
     from worker.health import run_health
 
-    settings = _settings()
-    try:
-        settings.require_redis_url()
-        settings.require_database_url()
-    except SettingsError as exc:
-        _fail(str(exc))
+    settings = _service_settings()
     report = run_health(
         settings, max_backlog_age_s=max_backlog_age_s, timeout_s=timeout_s, worker=not no_worker
     )

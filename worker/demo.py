@@ -282,17 +282,13 @@ def _embeddings(
         else:
             console.print("[red]the index was not built in time[/red]")
             return 1
-        topics: dict[str, str | None] = dict(
-            conn.execute(
-                "SELECT doc_id, metadata->>'topic' FROM embeddings WHERE collection = %s",
+        found = {
+            doc_id: (topic, text)
+            for doc_id, topic, text in conn.execute(
+                "SELECT doc_id, metadata->>'topic', text FROM embeddings WHERE collection = %s",
                 (DEMO_COLLECTION,),
             ).fetchall()
-        )
-        texts: dict[str, str | None] = dict(
-            conn.execute(
-                "SELECT doc_id, text FROM embeddings WHERE collection = %s", (DEMO_COLLECTION,)
-            ).fetchall()
-        )
+        }
     results = Table(title=f"searching {DEMO_COLLECTION!r} (index version {reader.version})")
     results.add_column("query", max_width=30)
     results.add_column("score", no_wrap=True)
@@ -300,11 +296,12 @@ def _embeddings(
     results.add_column("document")
     for query in corpus.QUERIES:
         for rank, (doc_id, score) in enumerate(reader.search(query, k=3)):
-            text = texts.get(doc_id) or ""
+            topic, text = found.get(doc_id, (None, None))
+            text = text or ""
             results.add_row(
                 query if rank == 0 else "",
                 f"{score:.3f}",
-                topics.get(doc_id) or "",
+                topic or "",
                 f"{doc_id}: {text if len(text) <= 60 else text[:59] + '…'}",
             )
         results.add_section()

@@ -20,13 +20,13 @@ import psycopg
 from afterwrite.collections import check_collection
 from afterwrite.settings import Settings
 from worker.embedding.stage import (
+    STATS_FIELDS,
     EmbedderFactory,
-    _default_factory,
-    cache_model,
+    EmbedStage,
     content_hash,
+    default_embedder,
     expected_dim,
     normalise,
-    vector_bytes,
 )
 
 log = logging.getLogger("afterwrite.embedding")
@@ -41,13 +41,6 @@ _CHUNK = f"""
 SELECT id, doc_id, text FROM embeddings
 WHERE collection = %s AND NOT deleted AND {_STALE} AND id > %s
 ORDER BY id LIMIT %s
-"""
-_CACHED = (
-    "SELECT content_hash, vector FROM embedding_cache WHERE model = %s AND content_hash = ANY(%s)"
-)
-_CACHE_PUT = """
-INSERT INTO embedding_cache (model, content_hash, dim, vector)
-SELECT %s, h, %s, v FROM unnest(%s::bytea[], %s::bytea[]) AS t(h, v) ON CONFLICT DO NOTHING
 """
 # Only rows whose text is still the one embedded: a document the stage changed or deleted
 # meanwhile keeps what the stage wrote.
@@ -94,7 +87,7 @@ def reembed(
     collection: str,
     conn: psycopg.Connection[Any],
     *,
-    embedder: EmbedderFactory = _default_factory,
+    embedder: EmbedderFactory = default_embedder,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReembedReport:
     """Give every live document of ``collection`` the configured model's vector.
@@ -106,42 +99,47 @@ def reembed(
     model = settings.collection_model(collection)
     dim = expected_dim(settings, model)
     report = ReembedReport(collection, model, remaining(conn, collection, model, dim))
-    done = 0
-    # Passes over the collection in id order until one changes nothing: a row the stage
-    # rewrote while this pass embedded it is picked up by the next pass if still stale.
-    while True:
-        before = report.reembedded
-        after = 0
+    # The stage's own path to vectors: the cache, provider requests as the provider plans
+    # them, each request cached as it returns, failing inputs isolated.
+    stage = EmbedStage(settings, lambda: conn, None, embedder=embedder)
+    try:
+        done = 0
+        # Passes over the collection in id order until one changes nothing: a row the stage
+        # rewrote while this pass embedded it is picked up by the next pass if still stale.
         while True:
-            rows = conn.execute(
-                _CHUNK, (collection, model, dim, after, settings.embedding_batch_jobs)
-            ).fetchall()
-            if not rows:
-                break
-            after = rows[-1][0]
-            rows = [r for r in rows if r[1] not in report.failed]
-            _chunk(conn, settings, model, rows, embedder, report)
-            done = report.reembedded
-            log.info(
-                "reembed collection=%s model=%s %d/%d",
-                collection,
-                model,
-                done,
-                report.remaining_before,
-                extra={"action": "reembed", "collection": collection, "done": done},
-            )
-            if progress is not None:
-                progress(min(done, report.remaining_before), report.remaining_before)
-        if report.reembedded == before or not remaining(conn, collection, model, dim):
-            return report
+            before = report.reembedded
+            after = 0
+            while True:
+                rows = conn.execute(
+                    _CHUNK, (collection, model, dim, after, settings.embedding_batch_jobs)
+                ).fetchall()
+                if not rows:
+                    break
+                after = rows[-1][0]
+                rows = [r for r in rows if r[1] not in report.failed]
+                _chunk(conn, stage, model, rows, report)
+                done = report.reembedded
+                log.info(
+                    "reembed collection=%s model=%s %d/%d",
+                    collection,
+                    model,
+                    done,
+                    report.remaining_before,
+                    extra={"action": "reembed", "collection": collection, "done": done},
+                )
+                if progress is not None:
+                    progress(min(done, report.remaining_before), report.remaining_before)
+            if report.reembedded == before or not remaining(conn, collection, model, dim):
+                return report
+    finally:
+        stage.close()
 
 
 def _chunk(
     conn: psycopg.Connection[Any],
-    settings: Settings,
+    stage: EmbedStage,
     model: str,
     rows: list[tuple[Any, ...]],
-    embedder: EmbedderFactory,
     report: ReembedReport,
 ) -> None:
     texts: dict[bytes, str] = {}
@@ -156,31 +154,14 @@ def _chunk(
         texts[digest] = norm
         ids.append((row_id, digest))
         doc_of[row_id] = doc_id
-    key = cache_model(settings, model)
-    vectors = {bytes(h): bytes(v) for h, v in conn.execute(_CACHED, (key, list(texts))).fetchall()}
-    report.cache_hits += len(vectors)
-    missing = [(d, t) for d, t in texts.items() if d not in vectors]
-    refused: dict[bytes, str] = {}
-    if missing:
-        result = embedder(settings, model).embed_many([t for _, t in missing])
-        report.requests += result.requests
-        new: list[tuple[bytes, bytes]] = []
-        for i, (digest, _) in enumerate(missing):
-            if i in result.failed:
-                refused[digest] = ": ".join(result.failed[i])
-                continue
-            blob = vector_bytes(result.vectors[i])
-            vectors[digest] = blob
-            new.append((digest, blob))
-        if new:
-            new.sort()
-            conn.execute(
-                _CACHE_PUT, (key, len(new[0][1]) // 4, [h for h, _ in new], [b for _, b in new])
-            )
+    counts = dict.fromkeys(STATS_FIELDS, 0)
+    vectors, refused, cached = stage.vectors_for(conn, model, texts, counts)
+    report.cache_hits += cached
+    report.requests += counts["requests"]
     done = [(row_id, digest) for row_id, digest in ids if digest in vectors]
     for row_id, digest in ids:
         if digest in refused:
-            report.failed[doc_of[row_id]] = refused[digest]
+            report.failed[doc_of[row_id]] = ": ".join(refused[digest])
     if done:
         dim = len(vectors[done[0][1]]) // 4
         updated = conn.execute(

@@ -142,10 +142,8 @@ def embed_time_limit_s(settings: Settings) -> float:
 def cache_model(settings: Settings, model: str) -> str:
     """The cache's model key: OpenAI's shortened vectors (``AFTERWRITE_EMBEDDING_DIMENSIONS``)
     are another model's vectors."""
-    dims = settings.embedding_dimensions
-    if dims is None or model == LOCAL_MODEL_ID:
-        return model
-    return f"{model}@{dims}"
+    dims = expected_dim(settings, model)
+    return model if dims is None else f"{model}@{dims}"
 
 
 def expected_dim(settings: Settings, model: str) -> int | None:
@@ -240,7 +238,7 @@ class EmbedReport:
 EmbedderFactory = Callable[[Settings, str], "Embedder"]
 
 
-def _default_factory(settings: Settings, model: str) -> Embedder:
+def default_embedder(settings: Settings, model: str) -> Embedder:
     from worker.embedding.providers import make_embedder
 
     return make_embedder(settings, model)
@@ -255,7 +253,7 @@ class EmbedStage:
         connect: Callable[[], psycopg.Connection[Any]],
         redis_client: redis.Redis | None,
         *,
-        embedder: EmbedderFactory = _default_factory,
+        embedder: EmbedderFactory = default_embedder,
         stopping: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -382,12 +380,9 @@ class EmbedStage:
         for model, texts in wanted.items():
             # Unchanged documents take their vector from the cache too: the upsert always
             # writes a whole row, whatever a concurrent batch did to it meanwhile.
-            found = self._cached(conn, self._cache_model(model), list(texts))
-            for digest, blob in found.items():
-                vectors[(model, digest)] = blob
-            missing = sorted((d, t) for d, t in texts.items() if d not in found)
-            if missing:
-                self._embed(model, missing, vectors, failed, counts)
+            found, refused, _ = self.vectors_for(conn, model, texts, counts)
+            vectors.update(((model, d), blob) for d, blob in found.items())
+            failed.update(((model, d), why) for d, why in refused.items())
 
         dead: list[DeadEntry] = []
         for job, model, digest in upserts:
@@ -412,6 +407,27 @@ class EmbedStage:
 
     def _cache_model(self, model: str) -> str:
         return cache_model(self.settings, model)
+
+    def vectors_for(
+        self,
+        conn: psycopg.Connection[Any],
+        model: str,
+        texts: dict[bytes, str],
+        counts: dict[str, int],
+    ) -> tuple[dict[bytes, bytes], dict[bytes, tuple[str, str]], int]:
+        """Vectors of ``model`` for ``texts`` (content hash → normalised text): the cache
+        first, the provider for the rest (see :meth:`_embed`). Returns the vectors and the
+        refused texts by hash, and how many came from the cache; provider figures go to
+        ``counts``."""
+        found = self._cached(conn, self._cache_model(model), list(texts))
+        cached = len(found)
+        missing = sorted((d, t) for d, t in texts.items() if d not in found)
+        vectors: dict[tuple[str, bytes], bytes] = {}
+        failed: dict[tuple[str, bytes], tuple[str, str]] = {}
+        if missing:
+            self._embed(model, missing, vectors, failed, counts)
+        found.update((d, blob) for (_, d), blob in vectors.items())
+        return found, {d: why for (_, d), why in failed.items()}, cached
 
     def _embed(
         self,
