@@ -32,7 +32,8 @@ class EncodeError(ValueError):
     """The record cannot be encoded (an unsupported type, a lone surrogate in a string, …)."""
 
 
-def encode(record: dict[str, Any]) -> bytes:
+def encode(record: Any) -> bytes:
+    """A record (a dict of column → value, or a msgspec Struct) as an entry's payload."""
     try:
         return _encoder.encode(record)
     except (TypeError, ValueError, UnicodeEncodeError, OverflowError) as exc:

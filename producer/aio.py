@@ -102,8 +102,7 @@ class AsyncClient(RecordMethods[Coroutine[Any, Any, Receipt]]):
         await self.close()
 
     # --- the hot path -------------------------------------------------------------------------
-    async def _record(self, kind: str, record: dict[str, Any]) -> Receipt:
-        event_id = str(record["id"])
+    async def _record(self, kind: str, event_id: str, record: Any) -> Receipt:
         try:
             entry = wire.encode(record)
         except wire.EncodeError:

@@ -21,7 +21,9 @@ R = TypeVar("R")
 
 class RecordMethods(ABC, Generic[R]):
     @abstractmethod
-    def _record(self, kind: str, record: dict[str, Any]) -> R: ...
+    def _record(self, kind: str, event_id: str, record: Any) -> R:
+        """Encode ``record`` (a dict or a msgspec Struct whose id is ``event_id``) and hand
+        it over."""
 
     def record_query(
         self,
@@ -57,7 +59,7 @@ class RecordMethods(ABC, Generic[R]):
             metadata=metadata,
             created_at=created_at,
         )
-        return self._record("query", record)
+        return self._record("query", record.id, record)
 
     def record(self, kind: str, payload: Mapping[str, Any]) -> R:
         """Record one entry of a registered kind; ``payload`` maps column names to values.
@@ -67,8 +69,8 @@ class RecordMethods(ABC, Generic[R]):
         """
         kinds.get(kind)
         record = dict(payload)
-        record.setdefault("id", uuid7_str())
-        return self._record(kind, record)
+        event_id = record.setdefault("id", uuid7_str())
+        return self._record(kind, str(event_id), record)
 
     def record_metric(
         self,
@@ -88,7 +90,7 @@ class RecordMethods(ABC, Generic[R]):
         }
         if tags:
             record["tags"] = dict(tags)
-        return self._record("metric", record)
+        return self._record("metric", record["id"], record)
 
     def embed(
         self,
@@ -119,7 +121,7 @@ class RecordMethods(ABC, Generic[R]):
         }
         if metadata is not None:
             record["metadata"] = dict(metadata)
-        return self._record("embed", record)
+        return self._record("embed", record["id"], record)
 
     def delete_embedding(self, collection: str, doc_id: str) -> R:
         """Remove document ``doc_id`` from ``collection``: it leaves search results at once
@@ -133,4 +135,4 @@ class RecordMethods(ABC, Generic[R]):
             "doc_id": doc_id,
             "op": "delete",
         }
-        return self._record("embed", record)
+        return self._record("embed", record["id"], record)

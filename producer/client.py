@@ -31,11 +31,13 @@ from producer.api import RecordMethods
 from producer.buffer import Buffer
 from producer.gate import Gate
 from producer.pump import Pump, spill_or_drop
-from producer.records import Outcome, ProducerStats, Receipt
+from producer.records import RECEIPT_TYPES, Outcome, ProducerStats, Receipt
 from producer.sender import REDIS_ERRORS, BatchSender
 from producer.wiring import fresh_connection, has_segments, open_journal
 
 __all__ = ["REDIS_ERRORS", "Client", "redis_options"]
+
+_buffered = RECEIPT_TYPES[Outcome.BUFFERED]
 
 # How much longer than the flush timeout close() waits for the thread's last round trip.
 _JOIN_MARGIN_S = 1.0
@@ -138,27 +140,30 @@ class Client(RecordMethods[Receipt]):
         self.close()
 
     # --- the hot path -------------------------------------------------------------------------
-    def _record(self, kind: str, record: dict[str, Any]) -> Receipt:
-        event_id = str(record["id"])
+    def _record(self, kind: str, event_id: str, record: Any) -> Receipt:
         try:
             entry = wire.encode(record)
         except wire.EncodeError:
             outcome = Outcome.INVALID
         else:
-            if self._buffer is None or self._closed:  # after close(): no flusher, send now
+            buffer = self._buffer
+            if buffer is None or self._closed:  # direct mode, or after close(): send now
                 outcome = self._send(kind, entry)
+            elif self._pump.running and buffer.put((kind, entry)):
+                return _buffered(event_id)  # counted by the buffer
             else:
-                outcome = self._enqueue(kind, entry)
-                if outcome is Outcome.BUFFERED:  # counted by the buffer
-                    return Receipt(event_id, outcome)
+                outcome = self._enqueue(buffer, kind, entry)
+                if outcome is Outcome.BUFFERED:
+                    return _buffered(event_id)
         self.stats.count(outcome)
-        return Receipt(event_id, outcome)
+        return RECEIPT_TYPES[outcome](event_id)
 
-    def _enqueue(self, kind: str, entry: bytes) -> Outcome:
-        assert self._buffer is not None
+    def _enqueue(self, buffer: Buffer, kind: str, entry: bytes) -> Outcome:
+        """The hot path's slow side: the thread is not running (first use after a fork) or the
+        buffer is full."""
         if not self._pump.running:
-            self._pump.ensure_started()  # first use after a fork
-        if self._buffer.put((kind, entry)):
+            self._pump.ensure_started()
+        if buffer.put((kind, entry)):
             return Outcome.BUFFERED
         return self._spill(kind, entry, "buffer_full")
 

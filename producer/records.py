@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from afterwrite.ids import uuid7_str
 
 
@@ -41,15 +43,16 @@ class Receipt(str):
 
     It *is* the id string, so ``event_id = client.record_query(...)`` works as documented;
     ``receipt.outcome`` tells what happened; ``receipt.accepted`` whether the row will arrive.
+    ``Receipt(event_id, outcome)`` returns an instance of the outcome's own subclass
+    (:data:`RECEIPT_TYPES`), whose ``outcome`` is a class attribute: making one is then the
+    plain ``str`` constructor (0.14 µs against 0.53 µs for a Python ``__new__`` setting a slot).
     """
 
-    __slots__ = ("outcome",)
+    __slots__ = ()
     outcome: Outcome
 
     def __new__(cls, event_id: str, outcome: Outcome) -> Receipt:
-        self = super().__new__(cls, event_id)
-        self.outcome = outcome
-        return self
+        return RECEIPT_TYPES[outcome](event_id)
 
     @property
     def delivered(self) -> bool:
@@ -60,6 +63,27 @@ class Receipt(str):
     def accepted(self) -> bool:
         """The entry is on its way to PostgreSQL: sent, buffered or spilled."""
         return self.outcome in _ACCEPTED
+
+
+def _receipt_type(outcome: Outcome) -> Callable[[str], Receipt]:
+    name = "".join(part.title() for part in outcome.name.split("_")) + "Receipt"
+    cls = type(
+        name,
+        (Receipt,),
+        {
+            "__slots__": (),
+            "__new__": str.__new__,  # one argument, the id; no Python frame on the hot path
+            "__module__": __name__,
+            "__doc__": f"A :class:`Receipt` whose outcome is {outcome.name}.",
+            "outcome": outcome,
+        },
+    )
+    globals()[name] = cls  # importable by name, so receipts pickle
+    return cls
+
+
+RECEIPT_TYPES: dict[Outcome, Callable[[str], Receipt]] = {o: _receipt_type(o) for o in Outcome}
+"""Outcome → the Receipt subclass for it (call it with the event id)."""
 
 
 _ACCEPTED = frozenset({Outcome.SENT, Outcome.BUFFERED, Outcome.SPILLED})
@@ -145,6 +169,27 @@ class ProducerStats:
         self._counts = dict.fromkeys(COUNTERS, 0)
 
 
+class QueryRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The ``query`` kind's payload. Encodes as a msgpack map of column name → value, ``None``
+    fields left out: the same entry a dict would give, built by one C call instead of a Python
+    test per field (0.5 µs less per ``record_query``). Nothing is validated here: workers
+    validate every entry before the database."""
+
+    id: str
+    created_at: datetime
+    query: str
+    response: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    mode: str | None = None
+    model_ids: list[str] | None = None
+    response_time_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    retrieval: Mapping[str, Any] | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
 def query_record(
     query: str,
     *,
@@ -160,33 +205,20 @@ def query_record(
     retrieval: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
-) -> dict[str, Any]:
-    """The ``query`` kind's payload: column name → value. ``None`` values are left out."""
-    record: dict[str, Any] = {
-        "id": event_id or uuid7_str(),
-        "created_at": created_at or datetime.now(UTC),
-        "query": query,
-    }
-    # One test per field: the hot path builds this for every call (a generator over a dict of
-    # the optional fields cost three times as much).
-    if response is not None:
-        record["response"] = response
-    if user_id is not None:
-        record["user_id"] = user_id
-    if session_id is not None:
-        record["session_id"] = session_id
-    if mode is not None:
-        record["mode"] = mode
-    if model_ids is not None:
-        record["model_ids"] = list(model_ids)
-    if response_time_ms is not None:
-        record["response_time_ms"] = response_time_ms
-    if prompt_tokens is not None:
-        record["prompt_tokens"] = prompt_tokens
-    if completion_tokens is not None:
-        record["completion_tokens"] = completion_tokens
-    if retrieval is not None:
-        record["retrieval"] = retrieval
-    if metadata is not None:
-        record["metadata"] = metadata
-    return record
+) -> QueryRecord:
+    """The ``query`` kind's payload, with a new id and the current time unless given."""
+    return QueryRecord(
+        id=event_id or uuid7_str(),
+        created_at=created_at or datetime.now(UTC),
+        query=query,
+        response=response,
+        user_id=user_id,
+        session_id=session_id,
+        mode=mode,
+        model_ids=model_ids if model_ids is None or type(model_ids) is list else list(model_ids),
+        response_time_ms=response_time_ms,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        retrieval=retrieval,
+        metadata=metadata,
+    )

@@ -34,7 +34,11 @@ REDIS_ERRORS = (redis.RedisError, OSError)
 Item = tuple[str, bytes]
 
 CALL_MAX_BYTES = 512 * 1024
-"""Entry bytes per Lua call; a larger batch is sent as several calls."""
+"""Entry bytes per Lua call; a larger batch is sent as several calls. Not smaller: while the
+application's thread keeps the CPU busy the flusher gets the GIL back about once per switch
+interval (5 ms) after each round trip, so its throughput is this many bytes per 5 ms. At
+64 KiB a tight loop of 20,000 calls spilled 3,700 entries instead of 1,700 (measured), for
+no measurable gain in the callers' latency (fewer page faults in the flusher)."""
 
 BATCH_SCRIPT = f"""
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])

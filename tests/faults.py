@@ -417,10 +417,10 @@ class BackgroundProducer:
         return counts
 
 
-class _Payloads(RecordMethods[dict[str, Any]]):
+class _Payloads(RecordMethods[Any]):
     """Builds records exactly as the client does, without sending them."""
 
-    def _record(self, kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, kind: str, event_id: str, record: Any) -> Any:
         return record
 
 

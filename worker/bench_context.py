@@ -25,7 +25,7 @@ from afterwrite import wire
 from afterwrite.services import ensure_database
 from afterwrite.settings import ENV_PREFIX, Settings
 from models.registry import kinds
-from producer.records import query_record
+from producer.records import QueryRecord, query_record
 from worker import bench_baseline
 from worker.demo import demo_endpoints
 
@@ -83,7 +83,7 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
-def query_record_for(kwargs: dict[str, Any]) -> dict[str, Any]:
+def query_record_for(kwargs: dict[str, Any]) -> QueryRecord:
     """The payload ``Client.record_query(**kwargs)`` would send (fresh id and time)."""
     return query_record(**kwargs)
 

@@ -58,7 +58,7 @@ def make_backlog(b: Bench, count: int) -> Backlog:
         task = progress.add_task("generating records", total=count, info="")
         for i, kw in enumerate(traffic.queries(count, seed=7)):
             record = query_record_for(kw)
-            ids.append(record["id"])
+            ids.append(record.id)
             payloads.append(wire.encode(record))
             if i % 5000 == 4999:
                 progress.advance(task, 5000)

@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from producer.records import query_record
+from producer.records import QueryRecord, query_record
 
 MODELS = (
     "gpt-4o",
@@ -85,6 +85,6 @@ def queries(count: int, *, seed: int = 7) -> Iterator[dict[str, Any]]:
         yield query_kwargs(rng)
 
 
-def as_record(kwargs: dict[str, Any]) -> dict[str, Any]:
+def as_record(kwargs: dict[str, Any]) -> QueryRecord:
     """The stream payload ``record_query(**kwargs)`` would send (for preloading backlogs)."""
     return query_record(**kwargs)

@@ -128,6 +128,51 @@ def test_flush_waits_until_settled_and_times_out_otherwise() -> None:
     assert buf.pending() == 0
 
 
+def test_concurrent_puts_are_each_taken_once_and_the_bound_holds() -> None:
+    """put takes no lock: many request threads against a flusher taking and settling
+    batches. Every accepted entry is taken exactly once, refused ones are not, and what is
+    held never exceeds the bound by more than one entry per racing thread."""
+    threads, per_thread, bound = 8, 5_000, 300
+    buf = Buffer(max_entries=bound, batch_entries=50, interval_s=0.001)
+    taken: list[Item] = []
+    accepted: list[list[Item]] = [[] for _ in range(threads)]
+    peak = [0]
+    done = threading.Event()
+
+    def flusher() -> None:
+        while not (done.is_set() and buf.pending() == 0):
+            peak[0] = max(peak[0], buf.pending())
+            batch = buf.take(0.01)
+            taken.extend(batch)
+            buf.settle(len(batch))
+
+    def producer(n: int) -> None:
+        for i in range(per_thread):
+            item = ("query", f"{n}:{i}".encode())
+            if buf.put(item):
+                accepted[n].append(item)
+
+    consumer = threading.Thread(target=flusher)
+    consumer.start()
+    workers = [threading.Thread(target=producer, args=(n,)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    done.set()
+    consumer.join(30)
+    assert not consumer.is_alive()
+    everything = [item for items in accepted for item in items]
+    assert sorted(taken) == sorted(everything)  # each accepted entry once, nothing else
+    assert len(set(taken)) == len(taken)
+    assert 0 < len(everything) < threads * per_thread  # the bound refused some
+    assert peak[0] <= bound + threads
+    assert buf.handed() == len(everything)
+    for n in range(threads):  # one thread's entries keep their order
+        mine = [item for item in taken if item[1].startswith(f"{n}:".encode())]
+        assert mine == accepted[n]
+
+
 def make_pump(tmp_path: Path, clock: Clock) -> tuple[Pump, Buffer, ScriptedSender, ProducerStats]:
     gate = Gate(max_entries=10**9, cap_check_interval_s=1.0, clock=clock)
     sender = ScriptedSender(gate)

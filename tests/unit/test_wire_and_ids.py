@@ -42,8 +42,20 @@ def test_records_round_trip_through_the_wire_format() -> None:
         metadata=None,
         created_at=now,
     )
-    assert "session_id" not in record  # None values are left out: smaller entries
-    assert wire.decode(wire.encode(record)) == {**record, "model_ids": ["m1", "m2"]}
+    decoded = wire.decode(wire.encode(record))
+    assert "session_id" not in decoded  # None values are left out: smaller entries
+    assert decoded == {
+        "id": record.id,
+        "created_at": now,
+        "query": "q",
+        "response": "a",
+        "user_id": "u",
+        "mode": "rag",
+        "model_ids": ["m1", "m2"],
+        "response_time_ms": 12.5,
+        "prompt_tokens": 3,
+        "retrieval": {"chunks": [1, 2]},
+    }
 
 
 def test_str_subclasses_encode_as_plain_strings() -> None:
