@@ -8,9 +8,9 @@ loopback for the same duration and connection count, and reports:
 
 - handler latency p50/p99 as the app measures it (an ASGI middleware around the handler:
   request in → last response byte out, no client or kernel queueing), and the p50/p99 of the
-  handler's ``record_query`` call itself (its ``await`` included): what recording costs a
-  request in a real server under load, between the parsing, the answer and the event loop's
-  other work, not in a loop of nothing but calls,
+  recording's own call (afterwrite: ``record_query``, awaited in direct mode; sync-orm: the
+  row and its commit): what recording costs a request in a real server under load, between
+  the parsing, the answer and the event loop's other work, not in a loop of nothing but calls,
 - latency p50/p99 and requests/s as ``wrk`` sees them (closed loop: ``connections`` requests in
   flight at all times),
 - that every request's records arrived: rows in PostgreSQL (sync-orm) or entries in the
