@@ -41,7 +41,7 @@ def test_bad_rows_are_dead_lettered_once_and_the_rest_commit(stack: Stack) -> No
         "int for text": (wire.encode(_record(query=42)), "wrong_type"),
         "unknown field": (wire.encode(_record(colour="blue")), "unknown_field"),
         "not msgpack": (b"\xc1\x00 this is not msgpack", "undecodable"),
-        "not a map": (wire.encode([1, 2, 3]), "not_a_map"),  # type: ignore[arg-type]
+        "not a map": (wire.encode([1, 2, 3]), "not_a_map"),
         "bad uuid": (wire.encode(_record(id="not-a-uuid")), "bad_uuid"),
         # Same id as a good record earlier in the batch, different content: the first wins.
         "duplicate id": (wire.encode(_record(id=twin_id, query="impostor")), "duplicate_id"),

@@ -9,6 +9,7 @@ import re
 import time
 import tracemalloc
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def edge_records() -> list[dict[str, Any]]:
     ]
 
 
-def drain_all(rdb: redis.Redis, settings: Settings, records: list[dict[str, Any]]) -> None:
+def drain_all(rdb: redis.Redis, settings: Settings, records: Sequence[Any]) -> None:
     key = wire.stream_key(settings.stream_prefix, "query")
     pipe = rdb.pipeline(transaction=False)
     for record in records:
