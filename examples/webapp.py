@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,8 @@ from producer import AsyncClient, Client
 
 RECORDING_ENV = "EXAMPLE_RECORDING"
 TIMING_ENV = "EXAMPLE_TIMING"
+RECORD_TIMINGS_KEPT = 100_000
+"""The newest recording-call durations each recording keeps (bounded: the app runs for days)."""
 RECORDINGS = ("direct", "background", "sync-orm")
 LATENCY_METRIC = "example.ask.latency_ms"
 
@@ -112,7 +115,7 @@ class Recording(Protocol):
     ``query`` took to record, from building the record to the call returning (nanoseconds;
     the load test reads them through ``/debug/timings``)."""
 
-    record_ns: list[int]
+    record_ns: deque[int]
 
     async def query(self, q: Query) -> tuple[str, str]: ...
 
@@ -130,7 +133,7 @@ class DirectRecording:
     def __init__(self, client: AsyncClient, *, owned: bool) -> None:
         self.client = client
         self._owned = owned
-        self.record_ns: list[int] = []
+        self.record_ns: deque[int] = deque(maxlen=RECORD_TIMINGS_KEPT)
 
     async def query(self, q: Query) -> tuple[str, str]:
         fields = _query_fields(q)
@@ -158,7 +161,7 @@ class BackgroundRecording:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.record_ns: list[int] = []
+        self.record_ns: deque[int] = deque(maxlen=RECORD_TIMINGS_KEPT)
 
     async def query(self, q: Query) -> tuple[str, str]:
         fields = _query_fields(q)
@@ -187,7 +190,7 @@ class SyncOrmRecording:
         from sqlalchemy import create_engine
 
         self.engine = create_engine(database_url, pool_size=16, max_overflow=16)
-        self.record_ns: list[int] = []
+        self.record_ns: deque[int] = deque(maxlen=RECORD_TIMINGS_KEPT)
 
     def _commit(self, *rows: Any) -> None:
         from sqlalchemy.orm import Session
@@ -279,7 +282,7 @@ class Timings:
     def __init__(self) -> None:
         self.ns: list[int] = []
 
-    def summary(self, record_ns: list[int]) -> dict[str, float]:
+    def summary(self, record_ns: Sequence[int]) -> dict[str, float]:
         """Request quantiles, and ``record_*`` ones of the recording's ``record_ns``."""
         if not self.ns:
             return {"count": 0}
@@ -289,7 +292,7 @@ class Timings:
         return out
 
 
-def _quantiles(ns: list[int], prefix: str) -> dict[str, float]:
+def _quantiles(ns: Sequence[int], prefix: str) -> dict[str, float]:
     data = sorted(ns)
 
     def q(p: float) -> float:
@@ -440,7 +443,7 @@ def _add_routes(app: FastAPI, delay_s: float) -> None:
 def _add_timing(app: FastAPI, timings: Timings) -> None:
     @app.get("/debug/timings")
     async def get_timings(request: Request, reset: bool = False) -> dict[str, float]:
-        record_ns: list[int] = request.app.state.recording.record_ns
+        record_ns: deque[int] = request.app.state.recording.record_ns
         out = timings.summary(record_ns)
         if reset:
             timings.ns.clear()

@@ -9,10 +9,12 @@ flusher: a full buffer answers False at once and the caller spills the entry its
 :meth:`Buffer.take` is the flusher's side; :meth:`Buffer.flush` lets callers wait until every
 entry handed in so far was settled (sent, spilled or dropped).
 
-Counting without a lock: the flusher alone moves ``_taken`` (before it pops, under its lock)
-and ``_settled``, so ``_taken + len(items) - _settled`` never undercounts what is held. Request
-threads racing at the bound can each pass the check before appending: the buffer may exceed
-``max_entries`` by at most one entry per such thread.
+Counting without a lock: the flusher alone moves ``_taken`` (raised before it pops, under its
+lock) and ``_settled`` (only grows), so reading ``_settled``, then the length, then ``_taken``
+never undercounts what is held. Request threads racing at the bound can each pass the check
+before appending: the buffer may exceed ``max_entries`` by at most one entry per such thread.
+:meth:`pending` and :meth:`handed` (counters, not the hot path) read under the lock, where
+nothing is popped: ``handed`` never goes backwards.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class Buffer:
     def put(self, item: Item) -> bool:
         """Add ``item``; False (at once) if the buffer is full. Never blocks, takes no lock."""
         items = self._items
-        if self._taken + len(items) - self._settled >= self._max:
+        # Operands evaluate left to right: _settled, the length, then _taken (module doc).
+        if -self._settled + len(items) + self._taken >= self._max:
             return False
         items.append(item)
         if len(items) == self._batch:  # a racing put may skip it: the next tick comes anyway
@@ -80,11 +83,13 @@ class Buffer:
 
     def pending(self) -> int:
         """Entries handed in and not yet settled."""
-        return self._taken + len(self._items) - self._settled
+        with self._lock:
+            return self._taken + len(self._items) - self._settled
 
     def handed(self) -> int:
-        """Entries handed in since the start (or the fork)."""
-        return self._taken + len(self._items)
+        """Entries handed in since the start (or the fork); never decreases."""
+        with self._lock:
+            return self._taken + len(self._items)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every entry handed in before this call was settled; False on timeout."""
