@@ -295,8 +295,8 @@ FROM (SELECT g, random() AS m, random() AS r FROM generate_series(1, %(rows)s) A
 """
 
 DAY = timedelta(days=1)
-COMMON: dict[str, tuple[GroupBy, dict[str, Any], str]] = {
-    # name: (group_by, window and filters, the index the plan must use)
+COMMON: dict[str, tuple[GroupBy, dict[str, Any], str | tuple[str, ...]]] = {
+    # name: (group_by, window and filters, the index the plan must use, or the ones it may)
     "1 day per model": ("model", {"since": T - DAY}, "ix_query_history_created_at"),
     "1 day per user": ("user", {"since": T - DAY}, "ix_query_history_created_at"),
     "1 day per mode": ("mode", {"since": T - DAY}, "ix_query_history_created_at"),
@@ -315,10 +315,12 @@ COMMON: dict[str, tuple[GroupBy, dict[str, Any], str]] = {
         {"since": T - 90 * DAY, "model": "command-r"},
         "ix_query_history_model_ids",
     ),
+    # A third of the table by time or 1 % of it by model cost about the same: which one the
+    # planner takes follows ANALYZE's random sample (seen both ways on the same data).
     "one model (1 %), 30 days, per user": (
         "user",
         {"since": T - 30 * DAY, "model": "command-r"},
-        "ix_query_history_model_ids",
+        ("ix_query_history_model_ids", "ix_query_history_created_at"),
     ),
 }
 
@@ -351,7 +353,8 @@ def test_slow_common_queries_use_an_index_on_a_million_rows(pg: psycopg.Connecti
         scans = _scans(explain[0][0]["Plan"])
         on_table = [s for s in scans if s[1] == "query_history" or s[2] is not None]
         assert not [s for s in on_table if s[0] == "Seq Scan"], (name, scans)
-        assert index in [s[2] for s in scans], (name, scans)
+        allowed = {index} if isinstance(index, str) else set(index)
+        assert allowed & {s[2] for s in scans}, (name, scans)
         runs = []
         for _ in range(3):
             started = time.perf_counter()
