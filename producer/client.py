@@ -159,12 +159,12 @@ class Client(RecordMethods[Receipt]):
         return RECEIPT_TYPES[outcome](event_id)
 
     def _enqueue(self, buffer: Buffer, kind: str, entry: bytes) -> Outcome:
-        """The hot path's slow side: the thread is not running (first use after a fork) or the
-        buffer is full."""
+        """The hot path's slow side: the thread is not running (first use after a fork), so
+        start it and try again, or the buffer is full."""
         if not self._pump.running:
             self._pump.ensure_started()
-        if buffer.put((kind, entry)):
-            return Outcome.BUFFERED
+            if buffer.put((kind, entry)):
+                return Outcome.BUFFERED
         return self._spill(kind, entry, "buffer_full")
 
     def _send(self, kind: str, entry: bytes) -> Outcome:
