@@ -25,7 +25,6 @@ from afterwrite import wire
 from afterwrite.services import ensure_database
 from afterwrite.settings import ENV_PREFIX, Settings
 from models.registry import kinds
-from producer.records import QueryRecord, query_record
 from worker import bench_baseline
 from worker.demo import demo_endpoints
 
@@ -81,11 +80,6 @@ def _env_value(value: Any) -> str:
     if isinstance(value, list | tuple | set | frozenset):
         return ",".join(str(v) for v in value)
     return str(value)
-
-
-def query_record_for(kwargs: dict[str, Any]) -> QueryRecord:
-    """The payload ``Client.record_query(**kwargs)`` would send (fresh id and time)."""
-    return query_record(**kwargs)
 
 
 @dataclass

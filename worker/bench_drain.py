@@ -25,7 +25,6 @@ from worker.bench_context import (
     KIND,
     Bench,
     BenchError,
-    query_record_for,
     worker_env,
 )
 from worker.bench_procfs import RssSampler, process_cpu_s, system_cpu
@@ -57,7 +56,7 @@ def make_backlog(b: Bench, count: int) -> Backlog:
     with progress_bar(b.console) as progress:
         task = progress.add_task("generating records", total=count, info="")
         for i, kw in enumerate(traffic.queries(count, seed=7)):
-            record = query_record_for(kw)
+            record = traffic.as_record(kw)
             ids.append(record.id)
             payloads.append(wire.encode(record))
             if i % 5000 == 4999:

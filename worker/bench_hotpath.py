@@ -24,7 +24,7 @@ from afterwrite.settings import Settings
 from producer import AsyncClient, Client, Outcome
 from producer.client import redis_options
 from worker import traffic
-from worker.bench_context import KIND, Bench, query_record_for
+from worker.bench_context import KIND, Bench
 from worker.bench_report import TARGET_HOT_P99_RATIO, latency_summary, ratio_of
 from worker.demo import progress_bar
 
@@ -35,7 +35,7 @@ def measure_hot_path(b: Bench, calls: int) -> dict[str, Any]:
     warm = min(1000, max(100, calls // 10))
     kwargs = list(traffic.queries(warm + calls, seed=11))
     # The raw XADD sends the bytes record_query would have built for the same kwargs.
-    payloads = [wire.encode(query_record_for(kw)) for kw in kwargs]
+    payloads = [wire.encode(traffic.as_record(kw)) for kw in kwargs]
     settings = _direct_producer(b.settings, b.log_dir.parent / "bench-spill")
     url = settings.require_redis_url()
     field_ = wire.PAYLOAD_FIELD

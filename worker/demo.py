@@ -190,10 +190,7 @@ def _traffic(
             done = _update(progress, rows_task, conn, r, stream, t0)
             if done >= records - failed:
                 break
-            if not all(p.alive() for p in started):
-                console.print("[red]a worker process exited:[/red]")
-                for p in started:
-                    console.print(p.tail())
+            if _worker_exited(started, console):
                 return 1
             time.sleep(0.25)
         elapsed = time.time() - t0
@@ -273,10 +270,7 @@ def _embeddings(
             )
             if covered:
                 break
-            if not all(p.alive() for p in started):
-                console.print("[red]a worker process exited:[/red]")
-                for p in started:
-                    console.print(p.tail())
+            if _worker_exited(started, console):
                 return 1
             time.sleep(0.5)
         else:
@@ -343,6 +337,16 @@ def _update(
         info=f"{done / elapsed:,.0f} rows/s  backlog {int(backlog):,}  lag {lag:.1f}s",
     )
     return done
+
+
+def _worker_exited(started: list[processes.Process], console: Console) -> bool:
+    """True (after printing each process's log tail) when a started process has exited."""
+    if all(p.alive() for p in started):
+        return False
+    console.print("[red]a worker process exited:[/red]")
+    for p in started:
+        console.print(p.tail())
+    return True
 
 
 def _wait_for_worker(
