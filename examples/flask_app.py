@@ -14,8 +14,8 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 
+from afterwrite.producer import Client
 from examples import fakellm
-from producer import Client
 
 OPTIONAL_FIELDS = ("user_id", "session_id", "mode")
 

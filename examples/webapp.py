@@ -10,7 +10,7 @@ Run it (with ``AFTERWRITE_REDIS_URL`` set and a worker draining)::
         -d '{"collection": "docs", "doc_id": "rag", "text": "RAG retrieves, then generates."}'
     curl -s 'localhost:8000/search?collection=docs&q=retrieval'
 
-``EXAMPLE_RECORDING`` picks how handlers record (the load test, ``worker.bench_loadtest``,
+``EXAMPLE_RECORDING`` picks how handlers record (the load test, ``benchmarks.loadtest``,
 compares them): ``direct`` (default: ``AsyncClient``, one XADD awaited per record),
 ``background`` (``Client`` in background mode: records go to an in-process buffer a flusher
 thread sends) or ``sync-orm`` (what teams do without afterwrite: a SQLAlchemy session add and
@@ -34,8 +34,8 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from afterwrite.producer import AsyncClient, Client
 from examples import fakellm
-from producer import AsyncClient, Client
 
 RECORDING_ENV = "EXAMPLE_RECORDING"
 TIMING_ENV = "EXAMPLE_TIMING"
@@ -200,8 +200,8 @@ class SyncOrmRecording:
             session.commit()
 
     async def query(self, q: Query) -> tuple[str, str]:
-        from afterwrite.ids import uuid7_str
-        from models.query_history import QueryHistory
+        from afterwrite.core.ids import uuid7_str
+        from afterwrite.models.query_history import QueryHistory
 
         started = time.perf_counter_ns()
         event_id = uuid7_str()
@@ -223,8 +223,8 @@ class SyncOrmRecording:
         return event_id, "committed"
 
     async def metric(self, name: str, value: float, tags: dict[str, str]) -> tuple[str, str]:
-        from afterwrite.ids import uuid7_str
-        from models.metric import MetricPoint
+        from afterwrite.core.ids import uuid7_str
+        from afterwrite.models.metric import MetricPoint
 
         event_id = uuid7_str()
         point = MetricPoint(
@@ -234,9 +234,9 @@ class SyncOrmRecording:
         return event_id, "committed"
 
     async def embed(self, collection: str, doc_id: str, text: str) -> tuple[str, str]:
-        from afterwrite.collections import check_collection, check_doc_id
-        from afterwrite.ids import uuid7_str
-        from models.embedding import EmbeddingJob
+        from afterwrite.core.collections import check_collection, check_doc_id
+        from afterwrite.core.ids import uuid7_str
+        from afterwrite.models.embedding import EmbeddingJob
 
         check_collection(collection)
         check_doc_id(doc_id)
@@ -260,7 +260,7 @@ class SyncOrmRecording:
 
 def recording_from_env(name: str | None = None) -> tuple[Recording, AsyncClient | Client | None]:
     """The recording ``EXAMPLE_RECORDING`` names, and the afterwrite client behind it."""
-    from afterwrite.settings import load_settings
+    from afterwrite.core.settings import load_settings
 
     name = name or os.environ.get(RECORDING_ENV, "direct")
     if name == "direct":
@@ -413,7 +413,7 @@ def _add_routes(app: FastAPI, delay_s: float) -> None:
     @app.get("/search")
     async def search(collection: str, q: str, request: Request, k: int = 5) -> SearchResult:
         """The ``k`` documents of ``collection`` nearest to ``q`` (its published index)."""
-        from producer.index_reader import IndexReader, IndexUnavailable
+        from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 
         readers: dict[str, IndexReader] = request.app.state.readers
         if not 1 <= k <= 100:

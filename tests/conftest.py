@@ -25,8 +25,8 @@ import pytest
 import redis
 
 import examples.agent_steps.model  # noqa: F401  (registers the agent_step kind)
-from afterwrite.services import Endpoints, PrivateServices, ensure_database, local_endpoints
-from afterwrite.settings import Settings, load_settings
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.demo.services import Endpoints, PrivateServices, ensure_database, local_endpoints
 
 # Per test session, so that several sessions on one machine (developers, CI, helpers running
 # pytest at once) never flush or drop each other's state.
@@ -71,7 +71,7 @@ def endpoints() -> Iterator[Endpoints]:
     assert admin_url is not None
     assert redis_url is not None
     database_url = ensure_database(admin_url, TEST_DATABASE, recreate=True)
-    import migrations
+    from afterwrite import migrations
 
     migrations.upgrade(
         "postgresql+psycopg://" + database_url.split("://", 1)[1], extra_dirs=[EXAMPLE_MIGRATIONS]

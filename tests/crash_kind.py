@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Text, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.registry import register_kind
+from afterwrite.models.registry import register_kind
 from tests.helpers import CRASH_KIND_KILL_NOTE as KILL_NOTE
 from tests.helpers import CRASH_KIND_TABLE as TABLE
 

@@ -1,6 +1,6 @@
 """The fake OpenAI embeddings server as a pytest fixture, plus settings pointing at it.
 
-The server itself is :class:`worker.embedding.fake_server.FakeEmbeddingServer` (the benchmark
+The server itself is :class:`tests.fake_openai_server.FakeEmbeddingServer` (the benchmark
 uses it too). Use the fixture with ``from tests.fake_openai import fake_openai`` in a test module
 or a ``pytest_plugins`` entry in the root conftest; or wrap :func:`running` in a fixture of
 your own.
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from afterwrite.settings import Settings, load_settings
-from worker.embedding.fake_server import FakeEmbeddingServer, running
+from afterwrite.core.settings import Settings, load_settings
+from tests.fake_openai_server import FakeEmbeddingServer, running
 
 __all__ = ["FakeEmbeddingServer", "fake_openai", "openai_settings", "running"]
 

@@ -25,15 +25,15 @@ import psycopg
 import redis
 from psycopg import sql
 
-from afterwrite import wire
-from afterwrite.services import PrivateServices
-from afterwrite.settings import Settings, load_settings
-from models.registry import kinds
-from producer import Client, Outcome
-from producer.api import RecordMethods
-from producer.client import redis_options
-from producer.records import Receipt
-from worker import processes, traffic
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.demo import processes, traffic
+from afterwrite.demo.services import PrivateServices
+from afterwrite.models.registry import kinds
+from afterwrite.producer import Client, Outcome
+from afterwrite.producer.api import RecordMethods
+from afterwrite.producer.client import redis_options
+from afterwrite.producer.records import Receipt
 
 QUERY_STREAM = "afterwrite:stream:query"
 GROUP = "afterwrite"

@@ -12,9 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from afterwrite.services import Endpoints
-from afterwrite.settings import Settings, load_settings
-from worker.bench_index import clustered_vectors, insert_vectors
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.demo.services import Endpoints
+from benchmarks.index import clustered_vectors, insert_vectors
 
 __all__ = ["clustered_vectors", "insert_vectors"]
 
@@ -84,7 +84,7 @@ def reader_process_main(argv: list[str]) -> None:
     print one JSON line: searches, failures, versions seen, answers whose doc ids mix versions.
 
     Doc ids are ``g<generation>-…``: every answer must carry exactly one generation."""
-    from producer.index_reader import IndexReader
+    from afterwrite.readers.index_reader import IndexReader
 
     index_dir, collection, dim, k, stop = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4]
     reader = IndexReader(collection, index_dir, check_interval_s=0.01)

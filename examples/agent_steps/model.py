@@ -10,7 +10,7 @@ from sqlalchemy import DateTime, Double, Index, Integer, String, Text, Uuid, fun
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.registry import register_kind
+from afterwrite.models.registry import register_kind
 
 STATUSES = frozenset({"ok", "error", "timeout", "cancelled"})
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from afterwrite.services import PrivateServices
+from afterwrite.demo.services import PrivateServices
 from tests.faults import Launcher, Stack
 
 # The worked example of a team's own kind (registered by tests/conftest.py): its revisions are
@@ -33,7 +33,7 @@ def private_stack() -> Iterator[Stack]:
     assert started.redis_url is not None
     stack = Stack(services, data_dir, started.database_url, started.redis_url)
     try:
-        import migrations
+        from afterwrite import migrations
 
         extra_dirs = [EXAMPLE_MIGRATIONS] if EXAMPLE_MIGRATIONS.is_dir() else []
         migrations.upgrade(

@@ -31,7 +31,7 @@ def _demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "afterwrite.cli.main",
             "demo",
             "--records",
             "2000",

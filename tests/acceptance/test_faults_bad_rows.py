@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from afterwrite import wire
+from afterwrite.core import wire
+from afterwrite.worker.runtime import Runtime
 from tests.faults import QUERY_STREAM, Stack, payloads, pg_rows, redis_conn, stored_ids, xadd_all
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.acceptance
 

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from afterwrite.worker.runtime import Runtime
 from tests.faults import (
     GROUP,
     QUERY_STREAM,
@@ -29,7 +30,6 @@ from tests.faults import (
     row_count,
 )
 from tests.helpers import wait_for
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.acceptance
 

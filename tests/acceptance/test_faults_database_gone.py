@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import pytest
 
+from afterwrite.worker.runtime import Runtime
 from tests.faults import (
     BackgroundProducer,
     Launcher,
@@ -32,7 +33,6 @@ from tests.faults import (
     stream_length,
 )
 from tests.helpers import wait_for
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.acceptance
 
@@ -103,7 +103,7 @@ def test_postgres_outage_backs_off_and_drains_everything_on_return(
 
 _TASKS_SCRIPT = """
 import json, time
-from worker import tasks
+from afterwrite.worker import tasks
 
 out = [tasks.drain.run("query")]  # the database is down: a transient failure
 time.sleep(out[0]["retry_in_s"] + 0.05)
@@ -136,8 +136,8 @@ def test_backoff_grows_across_tasks_that_do_not_touch_the_database(stack: Stack)
 
 
 _RETRYING_WORKER = """
-from afterwrite.settings import load_settings
-from worker.runtime import Runtime
+from afterwrite.core.settings import load_settings
+from afterwrite.worker.runtime import Runtime
 
 drain = Runtime(load_settings()).drain("query")
 failed = 0

@@ -17,7 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from afterwrite import wire
+from afterwrite.core import wire
 from tests.faults import (
     GROUP,
     QUERY_STREAM,

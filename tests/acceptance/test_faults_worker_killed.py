@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from afterwrite.demo.processes import Process
+from afterwrite.worker.ingest.streams import Stream
+from afterwrite.worker.runtime import Runtime
 from tests.faults import (
     GROUP,
     QUERY_STREAM,
@@ -38,9 +41,6 @@ from tests.faults import (
     xadd_all,
 )
 from tests.helpers import wait_for
-from worker.processes import Process
-from worker.runtime import Runtime
-from worker.streams import Stream
 
 pytestmark = pytest.mark.acceptance
 

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from afterwrite.settings import Settings
-from producer import Client
+from afterwrite.core.settings import Settings
+from afterwrite.demo.processes import Process, start_worker
+from afterwrite.producer import Client
+from afterwrite.worker.app import DRAIN_TASK
 from tests.helpers import wait_for
-from worker.app import DRAIN_TASK
-from worker.processes import Process, start_worker
 
 pytestmark = pytest.mark.acceptance
 
@@ -70,7 +70,7 @@ def flower(
     }
     log = (tmp_path / "flower.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "flower", "--address=127.0.0.1"],
+        [sys.executable, "-m", "afterwrite.cli.main", "flower", "--address=127.0.0.1"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

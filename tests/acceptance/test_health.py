@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
+from afterwrite.demo.processes import start_worker
 from tests.helpers import wait_for
-from worker.processes import start_worker
 
 pytestmark = pytest.mark.acceptance
 
-# `afterwrite health`, with the command registered on the main group as worker.cli does.
+# `afterwrite health`, with the command registered on the main group as afterwrite.cli.main does.
 HEALTH = (
-    "import sys; from worker.cli import main; from worker.cli_observe import health; "
+    "import sys; from afterwrite.cli.main import main; from afterwrite.cli.observe import health; "
     "main.add_command(health); sys.argv[0] = 'afterwrite'; main()"
 )
 

@@ -17,11 +17,12 @@ import numpy as np
 import psycopg
 import pytest
 
-from afterwrite.services import Endpoints
-from producer.index_reader import IndexReader
+from afterwrite.demo.services import Endpoints
+from afterwrite.readers.index_reader import IndexReader
+from afterwrite.vectorindex import files
+from afterwrite.worker.index import jobs
 from tests.helpers import wait_for
 from tests.index_helpers import add, index_settings, random_unit
-from worker.index import files, jobs
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(120)]
 
@@ -124,8 +125,9 @@ def test_fifty_swaps_under_search_in_threads_and_processes(
 KILLED_BUILDER = """
 import sys, time
 from pathlib import Path
-from afterwrite.settings import load_settings
-from worker.index import files, jobs
+from afterwrite.core.settings import load_settings
+from afterwrite.vectorindex import files
+from afterwrite.worker.index import jobs
 
 files.WRITE_CHUNK_BYTES = 4096  # many small writes: a window to be killed in
 url, index_dir, marker = sys.argv[1:4]

@@ -10,11 +10,11 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite.settings import Settings
-from producer import Client, Outcome
-from producer.client import redis_options
+from afterwrite.core.settings import Settings
+from afterwrite.demo import processes, traffic
+from afterwrite.producer import Client, Outcome
+from afterwrite.producer.client import redis_options
 from tests.helpers import wait_for
-from worker import processes, traffic
 
 pytestmark = pytest.mark.acceptance
 

@@ -11,13 +11,13 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite import wire
-from afterwrite.settings import Settings
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings
+from afterwrite.demo import processes
 from tests.helpers import CRASH_KIND_CREATE_SQL as CREATE_SQL
 from tests.helpers import CRASH_KIND_KILL_NOTE as KILL_NOTE
 from tests.helpers import CRASH_KIND_TABLE as TABLE
 from tests.helpers import wait_for
-from worker import processes
 
 pytestmark = pytest.mark.acceptance
 

@@ -35,9 +35,9 @@ RATE_PER_S = 1000
 SERVER = """
 import os, sys, time
 from pathlib import Path
-from producer import Client
-from producer.spill_files import SUFFIX
-from worker import traffic
+from afterwrite.producer import Client
+from afterwrite.spill.files import SUFFIX
+from afterwrite.demo import traffic
 
 out = Path(sys.argv[1])
 client = Client.from_env()  # AFTERWRITE_PRODUCER_MODE=background

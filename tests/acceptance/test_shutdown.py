@@ -13,13 +13,13 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite import wire
-from afterwrite.settings import Settings
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings
+from afterwrite.demo import processes, traffic
+from afterwrite.worker.ingest.streams import Stream
+from afterwrite.worker.runtime import Runtime
+from afterwrite.worker.shutdown import DUPLICATE_WINDOW_S, child_pids
 from tests.helpers import wait_for
-from worker import processes, traffic
-from worker.runtime import Runtime
-from worker.shutdown import DUPLICATE_WINDOW_S, child_pids
-from worker.streams import Stream
 
 pytestmark = pytest.mark.acceptance
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from afterwrite.settings import Settings
-from worker.bench import run_bench
+from afterwrite.core.settings import Settings
+from benchmarks.main import run_bench
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.bench_embed import measure_embeddings
+from benchmarks.embed import measure_embeddings
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(600)]
 

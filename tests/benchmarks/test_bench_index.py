@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from afterwrite.services import Endpoints
+from afterwrite.demo.services import Endpoints
+from benchmarks.index import measure_index
 from tests.index_helpers import index_settings
-from worker.bench_index import measure_index
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from afterwrite.settings import Settings
-from worker.bench_loadtest import TARGET_P99_RATIO, run_loadtest
+from afterwrite.core.settings import Settings
+from benchmarks.loadtest import TARGET_P99_RATIO, run_loadtest
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(600)]
 

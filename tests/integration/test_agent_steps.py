@@ -10,12 +10,12 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from afterwrite.settings import Settings
+from afterwrite.core.settings import Settings
+from afterwrite.models.registry import UnknownKindError, kinds
+from afterwrite.producer import Client
+from afterwrite.worker.operations.retention import run_retention
+from afterwrite.worker.runtime import Runtime
 from examples.agent_steps.model import AgentStep
-from models.registry import UnknownKindError, kinds
-from producer import Client
-from worker.retention import run_retention
-from worker.runtime import Runtime
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from afterwrite.services import Endpoints, ensure_database
-from afterwrite.settings import Settings
-from producer import Client
-from worker.cli import main
+from afterwrite.cli.main import main
+from afterwrite.core.settings import Settings
+from afterwrite.demo.services import Endpoints, ensure_database
+from afterwrite.producer import Client
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_bad_settings_stop_the_cli_naming_the_variable(
 
 def test_flower_refuses_to_start_without_credentials(env: dict[str, str]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "flower"],
+        [sys.executable, "-m", "afterwrite.cli.main", "flower"],
         env=env,
         capture_output=True,
         text=True,

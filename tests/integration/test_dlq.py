@@ -13,11 +13,11 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from afterwrite import wire
-from afterwrite.settings import Settings
-from worker.cli import main
-from worker.dlq import parse_time
-from worker.runtime import Runtime
+from afterwrite.cli.main import main
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings
+from afterwrite.worker.operations.dead_letter_admin import parse_time
+from afterwrite.worker.runtime import Runtime
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_replay_revalidates_requeues_and_is_idempotent(
     ids = _poison(rdb, settings)
     # The operator widens the column: the over-long mode is valid now, the others are not.
     pg.execute("ALTER TABLE query_history ALTER COLUMN mode TYPE varchar(128)")
-    from models import QueryHistory
+    from afterwrite.models import QueryHistory
 
     column = QueryHistory.__table__.c.mode
     original = column.type.length  # type: ignore[attr-defined]

@@ -10,13 +10,13 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite import wire
-from afterwrite.settings import Settings
-from producer import Client, Outcome
-from producer.client import redis_options
-from worker.errors import BadDeployError, Failure, classify
-from worker.runtime import Runtime
-from worker.streams import Stream
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings
+from afterwrite.producer import Client, Outcome
+from afterwrite.producer.client import redis_options
+from afterwrite.worker.errors import BadDeployError, Failure, classify
+from afterwrite.worker.ingest.streams import Stream
+from afterwrite.worker.runtime import Runtime
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite.settings import Settings
-from producer import Client
-from producer.client import redis_options
+from afterwrite.core.settings import Settings
+from afterwrite.producer import Client
+from afterwrite.producer.client import redis_options
+from afterwrite.worker.runtime import Runtime
 from tests.fake_openai import FakeEmbeddingServer, fake_openai, openai_settings
-from worker.runtime import Runtime
 
 __all__ = ["fake_openai"]  # the fixture, used by name
 

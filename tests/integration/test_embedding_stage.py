@@ -13,12 +13,12 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite.settings import Settings
-from producer import Client
-from producer.client import redis_options
-from worker.embedding.providers import EmbedResult, Limits, TransientProviderError
-from worker.embedding.stage import EmbedStage, content_hash, normalise
-from worker.runtime import Runtime
+from afterwrite.core.settings import Settings
+from afterwrite.embedders.providers import EmbedResult, Limits, TransientProviderError
+from afterwrite.producer import Client
+from afterwrite.producer.client import redis_options
+from afterwrite.worker.embedding.stage import EmbedStage, content_hash, normalise
+from afterwrite.worker.runtime import Runtime
 
 DIM = 8
 
@@ -280,7 +280,7 @@ def test_an_input_the_provider_refuses_is_dead_lettered_alone(
     assert pg.execute("SELECT count(*) FROM embedding_jobs").fetchone() == (0,)
 
     # the provider is fixed: a replay re-enqueues the job, which is then embedded
-    from worker.dlq import Filter, replay
+    from afterwrite.worker.operations.dead_letter_admin import Filter, replay
 
     embedder.refuse.clear()
     replayed = replay(pg, runtime.redis, runtime.settings, Filter(kind="embed"))
@@ -440,7 +440,7 @@ def test_reembed_moves_a_collection_to_its_new_model(
     embedder: CountingEmbedder,
     pg: psycopg.Connection[Any],
 ) -> None:
-    from worker.embedding.reembed import reembed
+    from afterwrite.worker.embedding.reembed import reembed
 
     for i in range(30):
         client.embed("docs", f"d{i}", f"document {i % 25}")  # 25 distinct texts
@@ -490,7 +490,7 @@ def test_reembed_after_a_dimensions_change(
     stage: EmbedStage,
     pg: psycopg.Connection[Any],
 ) -> None:
-    from worker.embedding.reembed import reembed
+    from afterwrite.worker.embedding.reembed import reembed
 
     for i in range(5):
         client.embed("docs", f"d{i}", f"document {i}")

@@ -18,7 +18,10 @@ import redis
 import redis.asyncio as aioredis
 from psycopg.rows import dict_row
 
-from afterwrite.settings import Settings, load_settings
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.producer import AsyncClient, Client
+from afterwrite.producer.client import redis_options
+from afterwrite.worker.runtime import Runtime
 from examples import fakellm
 from examples.flask_app import create_app as create_flask_app
 from examples.webapp import (
@@ -28,9 +31,6 @@ from examples.webapp import (
     SyncOrmRecording,
     create_app,
 )
-from producer import AsyncClient, Client
-from producer.client import redis_options
-from worker.runtime import Runtime
 
 QUESTIONS: list[dict[str, Any]] = [
     {"query": "What is RAG?", "user_id": "u-1", "session_id": "s-1", "mode": "rag"},

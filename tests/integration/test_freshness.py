@@ -17,14 +17,19 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from afterwrite.settings import Settings, load_settings
-from models.registry import kinds
-from producer import Client
-from worker.cli import main
-from worker.cli_observe import status_tables
-from worker.freshness import STAGES, Distribution, collect_freshness, commit_lag
-from worker.runtime import Runtime
-from worker.status import collect
+from afterwrite.cli.main import main
+from afterwrite.cli.observe import status_tables
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.models.registry import kinds
+from afterwrite.producer import Client
+from afterwrite.worker.operations.freshness import (
+    STAGES,
+    Distribution,
+    collect_freshness,
+    commit_lag,
+)
+from afterwrite.worker.operations.status import collect
+from afterwrite.worker.runtime import Runtime
 
 COLLECTION = "fresh_docs"
 

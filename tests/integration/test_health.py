@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from afterwrite.settings import Settings, load_settings
-from producer import Client
-from worker.cli_observe import EXIT_HEALTHY, EXIT_UNHEALTHY, health
-from worker.health import run_health
+from afterwrite.cli.observe import EXIT_HEALTHY, EXIT_UNHEALTHY, health
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.producer import Client
+from afterwrite.worker.operations.health import run_health
 
 
 @pytest.fixture

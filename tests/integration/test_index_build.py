@@ -10,11 +10,12 @@ import numpy as np
 import psycopg
 import pytest
 
-from afterwrite.services import Endpoints
-from producer.index_reader import IndexReader
+from afterwrite.demo.services import Endpoints
+from afterwrite.readers.index_reader import IndexReader
+from afterwrite.vectorindex import files
+from afterwrite.vectorindex.lock import BUILD, LockBusy, collection_lock
+from afterwrite.worker.index import jobs, source
 from tests.index_helpers import add, clustered_vectors, index_settings, random_unit, upsert
-from worker.index import files, jobs, source
-from worker.index.lock import BUILD, LockBusy, collection_lock
 
 DIM = 32
 

@@ -10,10 +10,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from afterwrite.services import Endpoints
-from producer.index_reader import IndexReader, IndexUnavailable
+from afterwrite.demo.services import Endpoints
+from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
+from afterwrite.vectorindex import files
+from afterwrite.worker.index import jobs
 from tests.index_helpers import add, index_settings, random_unit, tombstone, upsert
-from worker.index import files, jobs
 
 DIM = 32
 
@@ -129,13 +130,13 @@ def test_wrong_dimension_and_missing_index(
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("worker.embedding.providers") is None,
+    importlib.util.find_spec("afterwrite.embedders.providers") is None,
     reason="the embedding providers module is not there yet",
 )
 def test_text_query_is_embedded_with_the_index_model(
     endpoints: Endpoints, pg: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
-    from worker.embedding.providers import make_embedder
+    from afterwrite.embedders.providers import make_embedder
 
     settings = index_settings(endpoints, tmp_path)
     model = settings.collection_model("docs")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from afterwrite.settings import load_settings
-from worker.embedding.local import DIMENSION, TOKENIZER_PATH, LocalEmbedder
-from worker.embedding.providers import LOCAL_MODEL_ID, ProviderConfigError, make_embedder
+from afterwrite.core.settings import load_settings
+from afterwrite.embedders.local import DIMENSION, TOKENIZER_PATH, LocalEmbedder
+from afterwrite.embedders.providers import LOCAL_MODEL_ID, ProviderConfigError, make_embedder
 
 PARAPHRASES = [
     ("A man is playing a guitar.", "Someone is strumming a guitar."),

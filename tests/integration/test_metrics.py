@@ -15,19 +15,19 @@ import pytest
 import redis
 from psycopg.types.json import Jsonb
 
-from afterwrite import wire
-from afterwrite.ids import uuid7_str
-from afterwrite.services import Endpoints
-from afterwrite.settings import Settings, load_settings
-from models.metric import BUCKET_S
-from models.registry import kinds
-from producer import Client
-from worker.database import Database
-from worker.drain import DrainReport, KindDrain
-from worker.metrics import summary
-from worker.runtime import Runtime, worker_redis
-from worker.sketch import ALPHA, Sketch
-from worker.streams import Stream
+from afterwrite.core import wire
+from afterwrite.core.ids import uuid7_str
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.core.sketch import ALPHA, Sketch
+from afterwrite.demo.services import Endpoints
+from afterwrite.models.metric import BUCKET_S
+from afterwrite.models.registry import kinds
+from afterwrite.producer import Client
+from afterwrite.worker.ingest.database import Database
+from afterwrite.worker.ingest.drain import DrainReport, KindDrain
+from afterwrite.worker.ingest.streams import Stream
+from afterwrite.worker.operations.metric_rollups import summary
+from afterwrite.worker.runtime import Runtime, worker_redis
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)  # a bucket boundary
 

@@ -10,9 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-import migrations
-import models
-from afterwrite.services import Endpoints, ensure_database
+from afterwrite import migrations, models
+from afterwrite.demo.services import Endpoints, ensure_database
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.fake_openai import FakeEmbeddingServer, openai_settings, running
-from worker.embedding.openai_provider import OpenAIEmbedder
-from worker.embedding.providers import (
+from afterwrite.embedders.openai_provider import OpenAIEmbedder
+from afterwrite.embedders.providers import (
     ProviderConfigError,
     TransientProviderError,
     Vector,
     make_embedder,
 )
-from worker.embedding.tokens import ByteBound
+from afterwrite.embedders.tokens import ByteBound
+from tests.fake_openai import FakeEmbeddingServer, openai_settings, running
 
 MODEL = "text-embedding-3-small"
 

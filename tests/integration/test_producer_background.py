@@ -12,11 +12,11 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite.settings import Settings
-from producer import Client, Outcome
+from afterwrite.core.settings import Settings
+from afterwrite.demo import traffic
+from afterwrite.producer import Client, Outcome
+from afterwrite.worker.runtime import Runtime
 from tests.helpers import wait_for
-from worker import traffic
-from worker.runtime import Runtime
 
 STREAM = "afterwrite:stream:query"
 
@@ -106,8 +106,8 @@ def test_records_buffered_at_exit_are_flushed_by_the_atexit_hook(
     settings: Settings, rdb: redis.Redis, tmp_path: Path
 ) -> None:
     code = f"""
-from afterwrite.settings import load_settings
-from producer import Client
+from afterwrite.core.settings import load_settings
+from afterwrite.producer import Client
 s = load_settings(
     {{}},
     redis_url={settings.redis_url!r},
@@ -182,8 +182,8 @@ def test_logging_is_quiet_when_nothing_goes_wrong(
 
 
 def test_batch_sender_sends_each_kind_to_its_stream_and_caps_each(rdb: redis.Redis) -> None:
-    from producer.gate import Gate
-    from producer.sender import BatchSender
+    from afterwrite.producer.gate import Gate
+    from afterwrite.producer.sender import BatchSender
 
     gate = Gate(max_entries=3, cap_check_interval_s=60.0)
     sender = BatchSender(rdb, gate, prefix="afterwrite", max_entries=3)

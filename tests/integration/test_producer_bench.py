@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from afterwrite.settings import Settings
-from producer.bench import BENCH_PREFIX, measure_producer, table_rows
+from afterwrite.core.settings import Settings
+from benchmarks.producer import BENCH_PREFIX, measure_producer, table_rows
 
 
 def test_measure_producer_reports_every_figure_and_cleans_up(

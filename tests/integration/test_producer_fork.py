@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from afterwrite import wire
-from afterwrite.settings import Settings
-from producer import Client, Outcome
-from producer.spill import SpillJournal
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings
+from afterwrite.producer import Client, Outcome
+from afterwrite.spill.journal import SpillJournal
 
 STREAM = "afterwrite:stream:query"
 FORKS = 50

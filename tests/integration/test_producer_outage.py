@@ -1,7 +1,7 @@
 """Redis stopped while producers record: calls stay within budget, entries spill to disk, and
 are replayed when Redis is back; after a drain every id is in PostgreSQL exactly once.
 
-A private Redis (``afterwrite.services.PrivateServices``) is stopped and started on the same
+A private Redis (``afterwrite.demo.services.PrivateServices``) is stopped and started on the same
 port; PostgreSQL is the shared test database.
 """
 
@@ -25,13 +25,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from afterwrite.services import PrivateServices
-from afterwrite.settings import Settings
-from producer import AsyncClient, Client, Outcome, Receipt
-from producer.client import redis_options
-from producer.spill_files import SUFFIX
+from afterwrite.core.settings import Settings
+from afterwrite.demo.services import PrivateServices
+from afterwrite.producer import AsyncClient, Client, Outcome, Receipt
+from afterwrite.producer.client import redis_options
+from afterwrite.spill.files import SUFFIX
+from afterwrite.worker.runtime import Runtime
 from tests.helpers import wait_for
-from worker.runtime import Runtime
 
 BUDGET_S = 0.100
 """A behaviour bound (Redis refuses at once when stopped), not a performance target."""
@@ -202,8 +202,8 @@ def test_a_new_process_replays_what_a_killed_one_spilled(
     private_redis.stop_redis()
     code = f"""
 import os, signal, sys
-from afterwrite.settings import load_settings
-from producer import Client, Outcome
+from afterwrite.core.settings import load_settings
+from afterwrite.producer import Client, Outcome
 s = load_settings({{}}, redis_url={s.redis_url!r}, spill_dir={str(tmp_path)!r})
 client = Client.from_env(s)
 for i in range(1000):

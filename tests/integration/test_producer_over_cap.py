@@ -9,10 +9,10 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite.settings import Settings
-from producer import Client, Outcome
+from afterwrite.core.settings import Settings
+from afterwrite.producer import Client, Outcome
+from afterwrite.worker.runtime import Runtime
 from tests.helpers import wait_for
-from worker.runtime import Runtime
 
 STREAM = "afterwrite:stream:query"
 CAP = 50

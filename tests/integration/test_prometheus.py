@@ -20,13 +20,13 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from afterwrite.settings import Settings, load_settings
-from producer import Client
-from producer.client import redis_options
-from producer.prometheus import ProducerCollector
+from afterwrite.core.settings import Settings, load_settings
+from afterwrite.producer import Client
+from afterwrite.producer.client import redis_options
+from afterwrite.producer.prometheus import ProducerCollector
+from afterwrite.worker.operations.exporter import METRICS, SPECS, registry
+from afterwrite.worker.runtime import Runtime
 from tests.helpers import wait_for
-from worker.prometheus import METRICS, SPECS, registry
-from worker.runtime import Runtime
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXPOSED = {name for m in METRICS for name in m.exposed_names}
@@ -162,7 +162,8 @@ def test_producer_collector_exports_the_client_counters(settings: Settings, tmp_
 # --- the server, as `afterwrite metrics-server` runs it ---------------------------------------
 
 SERVER = (
-    "import sys; from worker.cli import main; from worker.cli_observe import metrics_server; "
+    "import sys; from afterwrite.cli.main import main; "
+    "from afterwrite.cli.observe import metrics_server; "
     "main.add_command(metrics_server); sys.argv[0] = 'afterwrite'; main()"
 )
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import psycopg
 
-from afterwrite.settings import Settings
-from producer import Client
-from worker.metrics import summary
-from worker.runtime import Runtime
+from afterwrite.core.settings import Settings
+from afterwrite.producer import Client
+from afterwrite.worker.operations.metric_rollups import summary
+from afterwrite.worker.runtime import Runtime
 
 
 def test_record_metric_points_roll_up(settings: Settings, pg: psycopg.Connection[Any]) -> None:

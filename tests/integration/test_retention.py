@@ -12,10 +12,15 @@ import pytest
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from afterwrite.settings import Settings, SettingsError, load_settings
-from models.registry import Kind, kinds
-from worker.app import celery_config, check_kind_settings
-from worker.retention import RetentionConfigError, cutoff, purge_expired, run_retention
+from afterwrite.core.settings import Settings, SettingsError, load_settings
+from afterwrite.models.registry import Kind, kinds
+from afterwrite.worker.app import celery_config, check_kind_settings
+from afterwrite.worker.operations.retention import (
+    RetentionConfigError,
+    cutoff,
+    purge_expired,
+    run_retention,
+)
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import redis
 
-from afterwrite.services import (
+from afterwrite.demo.services import (
     PrivateServices,
     ServiceError,
     ensure_database,
@@ -155,7 +155,8 @@ def test_restart_one_server_keeps_port_and_data(make_services: MakeServices) -> 
 @pytest.mark.usefixtures("system_binaries")
 def test_servers_stop_when_the_starting_process_is_killed(data_dir: Path) -> None:
     child = (
-        "import sys; from pathlib import Path; from afterwrite.services import PrivateServices\n"
+        "import sys; from pathlib import Path\n"
+        "from afterwrite.demo.services import PrivateServices\n"
         "eps = PrivateServices(Path(sys.argv[1])).start()\n"
         "print(eps.database_url, eps.redis_url, flush=True)\n"
         "sys.stdin.read()\n"

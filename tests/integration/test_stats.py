@@ -1,4 +1,5 @@
-"""Usage statistics (worker.stats, ``afterwrite stats``) against the real PostgreSQL.
+"""Usage statistics (afterwrite.worker.operations.usage, ``afterwrite stats``) against the real
+PostgreSQL.
 
 Exact figures on a small hand-made table, the CLI's JSON and HTML output, and (slow, ~30 s)
 the query plans of the common questions on a million-row table.
@@ -25,8 +26,8 @@ from click.testing import CliRunner
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from worker.cli_stats import stats_cmd
-from worker.stats import GroupBy, UsageRow, usage, usage_params, usage_query
+from afterwrite.cli.stats import stats_cmd
+from afterwrite.worker.operations.usage import GroupBy, UsageRow, usage, usage_params, usage_query
 
 T = datetime(2026, 11, 1, tzinfo=UTC)
 SINCE = T - timedelta(days=2)

@@ -21,19 +21,24 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from afterwrite import wire
-from afterwrite.ids import uuid7_str
-from afterwrite.settings import Settings
-from models.registry import kinds
-from worker import traffic
-from worker.cli_transfer import export_cmd, import_cmd
-from worker.runtime import Runtime
-from worker.transfer import EXPORT_FETCH_ROWS, ImportAborted, export_rows, import_rows
+from afterwrite.cli.transfer import export_cmd, import_cmd
+from afterwrite.core import wire
+from afterwrite.core.ids import uuid7_str
+from afterwrite.core.settings import Settings
+from afterwrite.demo import traffic
+from afterwrite.models.registry import kinds
+from afterwrite.worker.operations.transfer import (
+    EXPORT_FETCH_ROWS,
+    ImportAborted,
+    export_rows,
+    import_rows,
+)
+from afterwrite.worker.runtime import Runtime
 
 
 @click.group()
 def cli() -> None:
-    """The transfer commands alone (worker.cli registers them on ``main``)."""
+    """The transfer commands alone (afterwrite.cli.main registers them on ``main``)."""
 
 
 cli.add_command(export_cmd)

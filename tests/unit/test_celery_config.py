@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import ssl
 
-from afterwrite.settings import load_settings
-from worker.app import DRAIN_TASK, RECLAIM_TASK, celery_config
+from afterwrite.core.settings import load_settings
+from afterwrite.worker.app import DRAIN_TASK, RECLAIM_TASK, celery_config
 
 
 def test_json_only_and_a_schedule_per_kind() -> None:

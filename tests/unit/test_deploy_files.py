@@ -21,8 +21,8 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
-from afterwrite.settings import load_settings
-from worker.cli import main
+from afterwrite.cli.main import main
+from afterwrite.core.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -8,12 +8,12 @@ import psycopg
 import pytest
 import redis
 
-from models.registry import UnknownKindError, kinds
-from worker.backoff import compute_backoff_s
-from worker.drain import keep_draining
-from worker.errors import Failure, classify
-from worker.rows import RowCodec
-from worker.sql import kind_sql
+from afterwrite.core.backoff import compute_backoff_s
+from afterwrite.models.registry import UnknownKindError, kinds
+from afterwrite.worker.errors import Failure, classify
+from afterwrite.worker.ingest.drain import keep_draining
+from afterwrite.worker.ingest.rows import RowCodec
+from afterwrite.worker.ingest.sql import kind_sql
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.embedding.openai_provider import AimdLimit, parse_response, retry_after_s
-from worker.embedding.providers import Limits, plan_requests
-from worker.embedding.tokens import ByteBound
+from afterwrite.embedders.openai_provider import AimdLimit, parse_response, retry_after_s
+from afterwrite.embedders.providers import Limits, plan_requests
+from afterwrite.embedders.tokens import ByteBound
 
 
 def _random_case(rng: random.Random) -> tuple[list[int], Limits]:

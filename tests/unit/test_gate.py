@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from producer.gate import RETRY_AFTER_FAILURE_S, Gate
-from producer.records import Outcome
+from afterwrite.producer.gate import RETRY_AFTER_FAILURE_S, Gate
+from afterwrite.producer.records import Outcome
 
 
 class Clock:

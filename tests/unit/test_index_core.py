@@ -10,10 +10,15 @@ import faiss
 import numpy as np
 import pytest
 
-from worker.index import files
-from worker.index.build import build_index, recall
-from worker.index.choose import Choice, choose_index, ivf_nlist
-from worker.index.source import COPY_SIGNATURE, BinaryRowParser, SourceError, parse_id_text
+from afterwrite.vectorindex import files
+from afterwrite.vectorindex.build import build_index, recall
+from afterwrite.vectorindex.choose import Choice, choose_index, ivf_nlist
+from afterwrite.worker.index.source import (
+    COPY_SIGNATURE,
+    BinaryRowParser,
+    SourceError,
+    parse_id_text,
+)
 
 
 def _copy_stream(ids: list[int], vectors: np.ndarray) -> bytes:

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from afterwrite.logs import JsonFormatter, SecretFilter, install, mask
+from afterwrite.core.logs import JsonFormatter, SecretFilter, install, mask
 
 
 @pytest.mark.parametrize(

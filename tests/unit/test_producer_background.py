@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from producer.buffer import Buffer, batch_wait_s
-from producer.gate import RETRY_AFTER_FAILURE_S, Gate
-from producer.pump import Pump, next_replay_at
-from producer.records import Outcome, ProducerStats
-from producer.sender import accepted_prefix, split_by_bytes
-from producer.spill import SpillJournal, room_for
+from afterwrite.producer.buffer import Buffer, batch_wait_s
+from afterwrite.producer.gate import RETRY_AFTER_FAILURE_S, Gate
+from afterwrite.producer.pump import Pump, next_replay_at
+from afterwrite.producer.records import Outcome, ProducerStats
+from afterwrite.producer.sender import accepted_prefix, split_by_bytes
+from afterwrite.spill.journal import SpillJournal, room_for
 
 Item = tuple[str, bytes]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from producer import spill_format as fmt
-from producer.spill import SpillJournal
-from producer.spill_files import SUFFIX
+from afterwrite.spill import format as fmt
+from afterwrite.spill.files import SUFFIX
+from afterwrite.spill.journal import SpillJournal
 
 Item = tuple[str, bytes]
 
@@ -136,7 +136,7 @@ def test_restart_replays_what_a_killed_process_left(tmp_path: Path) -> None:
     code = f"""
 import os, sys
 sys.path.insert(0, {str(Path.cwd())!r})
-from producer.spill import SpillJournal
+from afterwrite.spill.journal import SpillJournal
 j = SpillJournal({str(tmp_path)!r}, max_bytes=10_000_000, segment_max_bytes=64 * 1024)
 for i in range(3000):
     assert j.append("query", f"entry-{{i:06d}}-".encode().ljust(100, b"."))

@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.registry import Kind, KindRegistry
+from afterwrite.models.registry import Kind, KindRegistry
 
 
 class Base(DeclarativeBase):

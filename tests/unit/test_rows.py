@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from models import QueryHistory
-from models.registry import kinds
-from worker.rows import MAX_TEXT_CHARS, Invalid, RowCodec
+from afterwrite.models import QueryHistory
+from afterwrite.models.registry import kinds
+from afterwrite.worker.ingest.rows import MAX_TEXT_CHARS, Invalid, RowCodec
 
 codec = RowCodec(kinds.get("query").table)
 ID = "01a2037d-bc1e-7284-8cfc-0a9ae072e6dc"

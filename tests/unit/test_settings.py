@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from afterwrite.settings import SettingsError, load_settings
+from afterwrite.core.settings import SettingsError, load_settings
 
 
 def test_defaults_are_valid_and_urls_optional() -> None:

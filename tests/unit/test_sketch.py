@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from worker.sketch import ALPHA, MIN_INDEXABLE, Sketch, bucket_key, bucket_value
+from afterwrite.core.sketch import ALPHA, MIN_INDEXABLE, Sketch, bucket_key, bucket_value
 
 N = 100_000
 QUANTILES = (0.0, 0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)

@@ -1,4 +1,4 @@
-"""The SQL worker.stats builds: fixed fragments, values only as parameters."""
+"""The SQL afterwrite.worker.operations.usage builds: fixed fragments, values only as parameters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.stats import GROUP_BYS, usage_params, usage_query
+from afterwrite.worker.operations.usage import GROUP_BYS, usage_params, usage_query
 
 
 @pytest.mark.parametrize("group_by", GROUP_BYS)

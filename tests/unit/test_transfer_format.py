@@ -12,9 +12,9 @@ from sqlalchemy import Boolean, Double, Interval, LargeBinary, Numeric, Text, Uu
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.registry import Kind, kinds
-from worker.rows import Invalid
-from worker.transfer import (
+from afterwrite.models.registry import Kind, kinds
+from afterwrite.worker.ingest.rows import Invalid
+from afterwrite.worker.operations.transfer import (
     ImportReport,
     LineCodec,
     TransferError,

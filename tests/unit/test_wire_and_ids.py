@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from afterwrite import wire
-from afterwrite.ids import uuid7, uuid7_str, uuid7_unix_ms
-from producer.records import Outcome, Receipt, query_record
+from afterwrite.core import wire
+from afterwrite.core.ids import uuid7, uuid7_str, uuid7_unix_ms
+from afterwrite.producer.records import Outcome, Receipt, query_record
 
 
 def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
@@ -30,7 +30,7 @@ def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
 
 FORK_CHECK = """
 import os, uuid
-from afterwrite.ids import uuid7_str, uuid7_unix_ms
+from afterwrite.core.ids import uuid7_str, uuid7_unix_ms
 shared = 0
 for _ in range(100):
     r, w = os.pipe()

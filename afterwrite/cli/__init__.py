@@ -1,0 +1,1 @@
+"""The ``afterwrite`` command line: on top of everything, imported by nothing."""

@@ -1,0 +1,180 @@
+"""``afterwrite index status|rebuild|rollback`` and ``afterwrite search``.
+
+Registered on the main group in afterwrite.cli.main (``main.add_command(index)``,
+``main.add_command(search)``); afterwrite.cli.main is imported inside the functions, so either
+module may be imported first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+_STAGES = {"read": "reading vectors", "build": "building", "check": "recall check",
+           "write": "writing"}  # fmt: skip
+
+
+def _settings() -> Any:
+    from afterwrite.cli.main import _settings as load
+
+    return load()
+
+
+def _fail(message: str, code: int = 2) -> Any:
+    from afterwrite.cli.main import _fail as fail
+
+    fail(message, code)
+
+
+@click.group("index")
+def index() -> None:
+    """FAISS indexes: status, rebuild, rollback."""
+
+
+@index.command("status")
+@click.argument("collection", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def index_status(collection: str | None, as_json: bool) -> None:
+    """Published version, kept versions, delta and recent builds per collection."""
+    from afterwrite.worker.index import jobs
+
+    try:
+        rows = jobs.status(_settings(), collection)
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="indexes")
+    for col in ("collection", "version", "vectors", "type", "model", "recall@10", "built",
+                "kept", "delta (n, max seq)", "db max seq"):  # fmt: skip
+        table.add_column(col)
+    for r in rows:
+        m = r["manifest"] or {}
+        recall = m.get("recall_at_10")
+        table.add_row(
+            r["collection"],
+            str(m.get("version", "-")) + (" (pinned)" if m.get("pinned") else ""),
+            f"{m['vector_count']:,}" if m else "-",
+            m.get("index_type", r["manifest_error"] or "-"),
+            m.get("model", "-"),
+            "-" if recall is None else f"{recall:.3f}",
+            _ago(m.get("built_at")),
+            ",".join(map(str, r["versions"])),
+            "-" if r["delta"] is None else f"{r['delta'][1]}, {r['delta'][2]}",
+            str(r["db_max_seq"]),
+        )
+    console.print(table)
+    if collection and rows:
+        builds = Table(title=f"recent builds of {collection}")
+        for col in ("version", "status", "vectors", "type", "read s", "build s", "write s",
+                    "recall", "detail"):  # fmt: skip
+            builds.add_column(col)
+        for b in rows[0]["recent_builds"]:
+            builds.add_row(
+                str(b["version"] or "-"), b["status"], str(b["vector_count"] or "-"),
+                b["index_type"] or "-", _s(b["read_s"]), _s(b["build_s"]), _s(b["write_s"]),
+                _s(b["recall_at_10"]), (b["detail"] or "")[:60],
+            )  # fmt: skip
+        console.print(builds)
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _ago(ts: float | None) -> str:
+    import time
+
+    return "-" if ts is None else f"{time.time() - ts:,.0f}s ago"
+
+
+@index.command("rebuild")
+@click.argument("collection")
+@click.option("--force", is_flag=True, help="Build even when unchanged (and clear a rollback pin).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def index_rebuild(collection: str, force: bool, as_json: bool) -> None:
+    """Build COLLECTION's index now (with a progress bar) and publish it."""
+    from afterwrite.worker.index import jobs
+
+    settings = _settings()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=as_json,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(_STAGES.get(stage, stage), total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        try:
+            report = jobs.rebuild(settings, collection, force=force, progress=progress)
+        except ValueError as exc:
+            _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    if report.get("skipped"):
+        console.print(f"[yellow]{collection}: not published[/]: {report['why']}")
+        raise SystemExit(1 if report.get("status") == "rejected" else 0)
+    t = report["timings"]
+    console.print(
+        f"{collection}: v{report['version']} published, {report['vector_count']:,} vectors, "
+        f"{report['index_type']}, recall@10 {report['recall_at_10']:.3f}; "
+        f"read {t['read_s']:.2f}s, build {t['build_s']:.2f}s, write {t['write_s']:.2f}s"
+    )
+
+
+@index.command("rollback")
+@click.argument("collection")
+@click.option("--to", "to_version", type=int, help="Version to publish (default: previous).")
+def index_rollback(collection: str, to_version: int | None) -> None:
+    """Publish an earlier kept version again; scheduled rebuilds pause until --force."""
+    from afterwrite.vectorindex.files import IndexFileError
+    from afterwrite.worker.index import jobs
+
+    try:
+        manifest = jobs.rollback(_settings(), collection, to_version)
+    except (ValueError, IndexFileError) as exc:
+        _fail(str(exc), code=1)
+    console.print(f"{collection}: v{manifest['version']} published again (pinned)")
+
+
+@click.command("search")
+@click.argument("collection")
+@click.argument("query")
+@click.option("-k", "k", type=click.IntRange(min=1, max=1000), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def search(collection: str, query: str, k: int, as_json: bool) -> None:
+    """Search COLLECTION's published index for QUERY (text, embedded with its model)."""
+    from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
+
+    settings = _settings()
+    try:
+        reader = IndexReader(collection, settings=settings)
+        hits = reader.search(query, k)
+    except (IndexUnavailable, ValueError) as exc:
+        _fail(str(exc), code=1)
+    if as_json:
+        click.echo(json.dumps({"version": reader.version, "hits": hits}))
+        return
+    table = Table(title=f"{collection} v{reader.version}: {query!r}")
+    table.add_column("#", justify="right")
+    table.add_column("doc_id")
+    table.add_column("score", justify="right")
+    for i, (doc, score) in enumerate(hits, 1):
+        table.add_row(str(i), doc, f"{score:.4f}")
+    console.print(table)

@@ -1,0 +1,42 @@
+"""afterwrite's exceptions: one root, three meanings.
+
+Every exception afterwrite raises on purpose derives from :class:`Error` through exactly one of
+:class:`ConfigurationError` (the setup is wrong: stop loudly, retrying cannot help),
+:class:`TransientError` (a service is away or overloaded: retry with backoff) or
+:class:`PoisonError` (this data can never be stored: dead-letter it, never retry). Callers
+write ``except afterwrite.Error``; the worker's ``classify`` reads the base class first and
+looks at third-party exceptions (PostgreSQL SQLSTATEs, redis errors) only after that.
+
+Many of these also derive from the built-in exception callers caught before the taxonomy
+existed (``ValueError``, ``KeyError``, ``LookupError``), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class Error(Exception):
+    """Root of every afterwrite exception."""
+
+
+class ConfigurationError(Error):
+    """Wrong settings, schema, credentials or deployment: fix the setup; retrying cannot help."""
+
+
+class TransientError(Error):
+    """A service is unavailable or overloaded for now: retry later, with backoff."""
+
+
+class PoisonError(Error):
+    """One piece of data can never be stored or processed as it is.
+
+    ``code`` is stable and machine-readable (``nul_byte``, ``too_long``, ``not_finite``, …);
+    ``detail`` is for people.
+    """
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(detail or code)
+        self.code = code
+        self.detail = detail or code
+
+
+__all__ = ["ConfigurationError", "Error", "PoisonError", "TransientError"]

@@ -1,0 +1,60 @@
+"""``query_history``: one row per LLM request an AI backend served.
+
+Fields follow what multi-model orchestrators and RAG services keep per request: the query and
+answer, which models answered, how long it took, what it cost in tokens, and which retrieved
+chunks were used. ``id`` is the client's UUIDv7 event id, so redelivered entries collapse onto
+one row (``INSERT … ON CONFLICT (id) DO NOTHING``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Double, Index, Integer, String, Text, Uuid, func, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from afterwrite.models.base import Base
+from afterwrite.models.registry import register_kind
+
+
+@register_kind("query")
+class QueryHistory(Base):
+    __tablename__ = "query_history"
+    __table_args__ = (
+        Index("ix_query_history_user_id_created_at", "user_id", "created_at"),
+        Index("ix_query_history_created_at", "created_at"),
+        Index("ix_query_history_mode_created_at", "mode", "created_at"),
+        # "which requests used model X": containment queries on the JSON array
+        Index(
+            "ix_query_history_model_ids",
+            "model_ids",
+            postgresql_using="gin",
+            postgresql_ops={"model_ids": "jsonb_path_ops"},
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    """When the request happened (client clock)."""
+    user_id: Mapped[str | None] = mapped_column(String(256))
+    session_id: Mapped[str | None] = mapped_column(String(256))
+    """Session or conversation id."""
+    query: Mapped[str] = mapped_column(Text)
+    mode: Mapped[str | None] = mapped_column(String(64))
+    """Request mode: e.g. ``chat``, ``rag``, ``agent``, ``compare``."""
+    model_ids: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    response: Mapped[str | None] = mapped_column(Text)
+    response_time_ms: Mapped[float | None] = mapped_column(Double)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    retrieval: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    """Retrieval metadata, e.g. ``{"chunks": [...], "top_k": 5}``."""
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    """Free metadata. (``metadata`` is reserved by SQLAlchemy, hence the attribute name.)"""
+    ingested_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    """When afterwrite committed the row; ``ingested_at - created_at`` is the write-behind lag."""

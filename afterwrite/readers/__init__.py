@@ -1,0 +1,1 @@
+"""The read side used in services: ``IndexReader`` searches a published index."""

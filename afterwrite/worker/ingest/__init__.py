@@ -1,0 +1,1 @@
+"""Ingest: stream entries → validated rows → committed batches, and the dead-letter store."""

@@ -1,0 +1,314 @@
+"""The drain loop: stream entries → validated rows → one committed batch → acknowledged.
+
+Contract of :meth:`KindDrain.process`: it commits the batch's rows and dead letters in one
+PostgreSQL transaction and only then acknowledges (XACK + XDEL) every entry of the batch. If
+anything fails before the commit, nothing is acknowledged and the entries stay pending, to be
+retried by this process's next drain (it re-reads its own pending entries first) or, if the
+process died, reclaimed by another worker. Inserts are ``ON CONFLICT (id) DO NOTHING``, so a
+retry after a commit whose acknowledgement was lost changes nothing: at-least-once delivery,
+exactly-once effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from afterwrite.core import wire
+from afterwrite.core.settings import Settings
+from afterwrite.models.registry import Kind
+from afterwrite.worker.errors import BadDeployError
+from afterwrite.worker.ingest.batch_writer import Rejection, write_batch
+from afterwrite.worker.ingest.database import Database
+from afterwrite.worker.ingest.dead_letters import DeadEntry
+from afterwrite.worker.ingest.rows import Invalid, RowCodec
+from afterwrite.worker.ingest.sql import KindSql, kind_sql
+from afterwrite.worker.ingest.streams import Entry, Stream
+
+log = logging.getLogger("afterwrite.drain")
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    kind: str
+    entries: int
+    inserted: int
+    duplicates: int
+    dead_lettered: int
+    bisected: bool
+    duration_s: float
+    lag_s: float | None
+    """Age of the batch's oldest entry when the batch committed."""
+
+
+@dataclass
+class DrainReport:
+    kind: str
+    batches: int = 0
+    entries: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    duration_s: float = 0.0
+    max_lag_s: float | None = None
+    reports: list[BatchReport] = field(default_factory=list, repr=False)
+
+    def add(self, r: BatchReport) -> None:
+        self.batches += 1
+        self.entries += r.entries
+        self.inserted += r.inserted
+        self.duplicates += r.duplicates
+        self.dead_lettered += r.dead_lettered
+        if r.lag_s is not None:
+            self.max_lag_s = max(self.max_lag_s or 0.0, r.lag_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "batches": self.batches,
+            "entries": self.entries,
+            "inserted": self.inserted,
+            "duplicates": self.duplicates,
+            "dead_lettered": self.dead_lettered,
+            "duration_s": round(self.duration_s, 3),
+            "max_lag_s": None if self.max_lag_s is None else round(self.max_lag_s, 3),
+        }
+
+
+def keep_draining(
+    *, elapsed_s: float, budget_s: float, last_entries: int, batch_max: int, last_batch_s: float
+) -> bool:
+    """After a batch: go on while the stream looked full (the batch was full) and another batch
+    of the same duration still fits in the time budget. A partial batch means we caught up."""
+    return last_entries >= batch_max and elapsed_s + last_batch_s <= budget_s
+
+
+class KindDrain:
+    """Drains one kind's stream for this process. Not thread-safe; one per worker process."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        stream: Stream,
+        db: Database,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.kind = kind
+        self.stream = stream
+        self.db = db
+        self.settings = settings
+        self.codec = RowCodec(kind.table)
+        self.sql: KindSql = kind_sql(kind.table, self.codec.columns)
+        self._id_index = self.codec.columns.index("id")
+        self._clock = clock
+        self._wall = wall_clock
+        self._stopping = stopping
+
+    # -- one batch --------------------------------------------------------------------------
+    def process(self, entries: Sequence[Entry]) -> BatchReport:
+        """Validate, write and commit ``entries``, then acknowledge them all. See module doc."""
+        started = self._clock()
+        rows: list[tuple[Any, ...]] = []
+        row_entries: list[Entry] = []
+        dead: list[DeadEntry] = []
+        seen: dict[str, bytes | None] = {}
+        duplicates = 0
+        for entry in entries:
+            payload: Any = None
+            try:
+                if entry.payload is None:
+                    raise Invalid("no_payload", f"entry has no {wire.PAYLOAD_FIELD!r} field")
+                try:
+                    payload = wire.decode(entry.payload)
+                except msgspec.DecodeError as exc:
+                    raise Invalid("undecodable", f"not a msgpack record: {exc}") from None
+                if entry.deliveries > self.settings.max_deliveries:
+                    raise Invalid(
+                        "too_many_deliveries",
+                        f"delivered {entry.deliveries} times without being stored "
+                        f"(limit {self.settings.max_deliveries}); it may crash its consumer",
+                    )
+                row = self.codec.row(payload)
+                if self.kind.validate is not None:
+                    self._run_validator(payload)
+            except Invalid as exc:
+                dead.append(self._dead(entry, payload, exc.code, exc.detail, reason="invalid"))
+                continue
+            row_id = row[self._id_index]
+            if row_id in seen:
+                if seen[row_id] != entry.payload:
+                    dead.append(
+                        self._dead(
+                            entry,
+                            payload,
+                            "duplicate_id",
+                            f"id {row_id} already in this batch with a different payload",
+                            reason="invalid",
+                        )
+                    )
+                else:
+                    duplicates += 1
+                continue
+            seen[row_id] = entry.payload
+            rows.append(row)
+            row_entries.append(entry)
+
+        self._guard(len(entries), len(dead))
+
+        def reject(rejections: Sequence[Rejection]) -> list[DeadEntry]:
+            return [
+                self._dead(
+                    row_entries[r.index],
+                    _decoded(row_entries[r.index]),
+                    r.sqlstate,
+                    r.message,
+                    reason="rejected",
+                )
+                for r in rejections
+            ]
+
+        conn = self.db.connection(self.sql)
+        try:
+            result = write_batch(conn, self.sql, rows, dead, reject)
+        except Exception:
+            self.db.discard_if_broken()
+            raise
+        # Committed: only now may the entries leave the stream.
+        self.stream.ack([e.id for e in entries])
+        stored = len(rows) - len(result.rejected)
+        report = BatchReport(
+            kind=self.kind.name,
+            entries=len(entries),
+            inserted=result.inserted,
+            duplicates=duplicates + stored - result.inserted,
+            dead_lettered=len(dead) + len(result.rejected),
+            bisected=result.bisected,
+            duration_s=self._clock() - started,
+            lag_s=self._lag_s(entries),
+        )
+        log.info(
+            "batch kind=%s entries=%d inserted=%d duplicates=%d dead=%d %.3fs lag=%s",
+            report.kind,
+            report.entries,
+            report.inserted,
+            report.duplicates,
+            report.dead_lettered,
+            report.duration_s,
+            "-" if report.lag_s is None else f"{report.lag_s:.3f}s",
+            extra={"action": "batch", **report.__dict__},
+        )
+        return report
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, budget_s: float) -> DrainReport:
+        """Drain until caught up or out of time. First re-process this consumer's own pending
+        entries (left by a batch of this process that failed), then new entries."""
+        started = self._clock()
+        report = DrainReport(self.kind.name)
+        n = self.settings.batch_max_entries
+        own = self.stream.read(n, own_pending=True)
+        if own:
+            report.add(self.process(own))
+        while not self._stopping():
+            batch_started = self._clock()
+            entries = self.stream.read(n)
+            if not entries:
+                break
+            report.add(self.process(entries))
+            now = self._clock()
+            if not keep_draining(
+                elapsed_s=now - started,
+                budget_s=budget_s,
+                last_entries=len(entries),
+                batch_max=n,
+                last_batch_s=now - batch_started,
+            ):
+                break
+        report.duration_s = self._clock() - started
+        return report
+
+    def reclaim(self) -> DrainReport:
+        """Take over entries another consumer left pending past ``reclaim_idle_s`` (it died).
+
+        Delivery counts are read before claiming: entries on their first redelivery are
+        processed as a batch; entries that already came back once are processed one at a time,
+        so an entry that kills its consumer cannot drag its batch-mates to the delivery limit.
+        Entries past ``max_deliveries`` are dead-lettered by :meth:`process`.
+        """
+        started = self._clock()
+        report = DrainReport(self.kind.name)
+        min_idle_ms = int(self.settings.reclaim_idle_s * 1000)
+        pending = self.stream.pending_idle(min_idle_ms, self.settings.batch_max_entries)
+        fresh = [p for p in pending if p.deliveries <= 1]
+        suspects = [p for p in pending if p.deliveries > 1]
+        if fresh:
+            claimed = self.stream.claim(fresh, min_idle_ms)
+            if claimed:
+                report.add(self.process(claimed))
+        for p in suspects:
+            # One at a time is slow: stop within the budget (the task's soft time limit is
+            # drain_budget_s + batch_timeout_s) and leave the rest to the next reclaim.
+            if self._stopping() or self._clock() - started >= self.settings.drain_budget_s:
+                break
+            claimed = self.stream.claim([p], min_idle_ms)
+            if claimed:
+                report.add(self.process(claimed))
+        report.duration_s = self._clock() - started
+        return report
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _run_validator(self, payload: dict[str, Any]) -> None:
+        assert self.kind.validate is not None
+        try:
+            self.kind.validate(payload)
+        except ValueError as exc:
+            raise Invalid(str(getattr(exc, "code", "rejected_by_validator")), str(exc)) from None
+
+    def _guard(self, entries: int, invalid: int) -> None:
+        """Arroyo's DlqLimit idea: when (nearly) every entry of a sizeable batch is invalid,
+        the producer or the schema is wrong (a bad deploy), and dead-lettering everything would
+        only hide it. Stop instead, committing and acknowledging nothing."""
+        s = self.settings
+        if entries >= s.dlq_guard_min_entries and invalid >= s.dlq_guard_ratio * entries:
+            raise BadDeployError(
+                f"{invalid} of {entries} entries of kind {self.kind.name!r} are invalid "
+                f"(guard: {s.dlq_guard_ratio:.0%} of batches >= {s.dlq_guard_min_entries}); "
+                "not dead-lettering them: check the producers' version and the schema. "
+                "Entries stay in the stream."
+            )
+
+    def _dead(
+        self, entry: Entry, payload: Any, code: str, detail: str, *, reason: str
+    ) -> DeadEntry:
+        return DeadEntry(
+            kind=self.kind.name,
+            entry_id=entry.id,
+            payload_raw=entry.payload or b"",
+            payload=payload,
+            reason=reason,
+            error_code=code,
+            detail=detail,
+            deliveries=entry.deliveries,
+        )
+
+    def _lag_s(self, entries: Sequence[Entry]) -> float | None:
+        if not entries:
+            return None
+        oldest_ms = min(wire.entry_ms(e.id) for e in entries)
+        return max(0.0, self._wall() - oldest_ms / 1000)
+
+
+def _decoded(entry: Entry) -> Any:
+    try:
+        return wire.decode(entry.payload) if entry.payload is not None else None
+    except msgspec.DecodeError:
+        return None

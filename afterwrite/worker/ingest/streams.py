@@ -1,0 +1,148 @@
+"""A kind's Redis Stream as a drain sees it: read, acknowledge, reclaim. Thin; no decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from afterwrite.core import wire
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    payload: bytes | None
+    """The ``p`` field, or None when the entry has none (not written by an afterwrite client)."""
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class PendingEntry:
+    id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
+def _entries(raw: Sequence[Any], deliveries: dict[str, int] | None = None) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        if fields is None:  # deleted while pending (XCLAIM on Redis < 7 returns these)
+            continue
+        out.append(Entry(eid, fields.get(wire.PAYLOAD_FIELD), (deliveries or {}).get(eid, 1)))
+    return out
+
+
+def is_missing_group(exc: redis.ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+class Stream:
+    def __init__(self, conn: redis.Redis, key: str, group: str, consumer: str) -> None:
+        self.conn = conn
+        self.key = key
+        self.group = group
+        self.consumer = consumer
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if missing. Idempotent.
+
+        The group starts at id 0, so entries recorded before any worker ran are drained too.
+        """
+        try:
+            self.conn.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, count: int, *, own_pending: bool = False) -> list[Entry]:
+        """Up to ``count`` entries: new ones, or (``own_pending``) this consumer's unacknowledged
+        ones, which a failed batch of this process left behind."""
+        if own_pending:
+            return self._own_pending(count)
+        reply: Any = self.conn.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=count)
+        if not reply:
+            return []
+        return _entries(reply[0][1])
+
+    def _own_pending(self, count: int) -> list[Entry]:
+        """This consumer's unacknowledged entries, re-read without counting a delivery.
+
+        A batch that failed on a transient error is retried, not redelivered: XREADGROUP with an
+        explicit id would add one to each entry's delivery count per retry, and after a few
+        retries a reclaim (crash, rollout) would dead-letter good entries as too_many_deliveries.
+        XCLAIM JUSTID to ourselves resets their idle time without counting a delivery.
+        """
+        rows: Any = self.conn.xpending_range(
+            self.key, self.group, min="-", max="+", count=count, consumername=self.consumer
+        )
+        if not rows:
+            return []
+        ids = [r["message_id"] for r in rows]
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.xclaim(self.key, self.group, self.consumer, 0, ids, justid=True)
+        for eid in ids:
+            pipe.xrange(self.key, eid, eid)
+        replies = pipe.execute()
+        raw = [found[0] for found in replies[1:] if found]
+        deliveries = {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
+        return _entries(raw, deliveries)
+
+    def ack(self, ids: Sequence[str]) -> None:
+        """Acknowledge and delete ``ids`` in one round trip (only after their batch committed)."""
+        if not ids:
+            return
+        pipe = self.conn.pipeline(transaction=True)  # MULTI/EXEC: both or neither
+        pipe.xack(self.key, self.group, *ids)
+        pipe.xdel(self.key, *ids)
+        pipe.execute()
+
+    def pending_idle(self, min_idle_ms: int, count: int) -> list[PendingEntry]:
+        """Entries pending longer than ``min_idle_ms`` with any consumer, oldest first.
+        Reading them does not count as a delivery."""
+        rows: Any = self.conn.xpending_range(
+            self.key, self.group, min="-", max="+", count=count, idle=min_idle_ms
+        )
+        return [
+            PendingEntry(
+                id=r["message_id"].decode(),
+                consumer=r["consumer"].decode(),
+                idle_ms=int(r["time_since_delivered"]),
+                deliveries=int(r["times_delivered"]),
+            )
+            for r in rows
+        ]
+
+    def claim(self, pending: Sequence[PendingEntry], min_idle_ms: int) -> list[Entry]:
+        """Take ``pending`` over for this consumer (each claim counts as a delivery). Entries
+        another consumer claimed meanwhile (no longer idle) are not returned."""
+        if not pending:
+            return []
+        raw = self.conn.xclaim(
+            self.key, self.group, self.consumer, min_idle_ms, [p.id for p in pending]
+        )
+        return _entries(raw, {p.id: p.deliveries + 1 for p in pending})
+
+    def hand_back(self, idle_ms: int) -> int:
+        """Mark every entry pending with this consumer as idle for ``idle_ms``, so that any
+        reclaim takes them over at once. Does not count as a delivery (``JUSTID``).
+
+        A consumer works on one batch at a time, so what it has pending is exactly what it
+        read and has not committed: the batch in flight (and any left by a failed batch).
+        """
+        handed = 0
+        start = "-"
+        while True:
+            rows: Any = self.conn.xpending_range(
+                self.key, self.group, min=start, max="+", count=10_000, consumername=self.consumer
+            )
+            if not rows:
+                return handed
+            ids = [r["message_id"] for r in rows]
+            self.conn.xclaim(self.key, self.group, self.consumer, 0, ids, idle=idle_ms, justid=True)
+            handed += len(ids)
+            start = "(" + ids[-1].decode()  # exclusive: continue after the last one

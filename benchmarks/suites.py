@@ -1,0 +1,84 @@
+"""``afterwrite bench --suite embeddings|index|loadtest``: the benchmarks of embeddings, FAISS
+indexes and the example web app, on the bench's own database and stream prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from afterwrite.core.settings import Settings
+from benchmarks.context import BENCH_BROKER_DB, BENCH_DATABASE, open_bench
+
+SUITES = ("pipeline", "embeddings", "index", "loadtest")
+
+
+def run_suites(
+    settings: Settings, suites: tuple[str, ...], console: Console, *, concurrency: int
+) -> dict[str, Any]:
+    """Run the non-pipeline ``suites``; print a table for each; return the figures by suite."""
+    out: dict[str, Any] = {}
+    if "embeddings" in suites:
+        from benchmarks.embed import measure_embeddings
+
+        console.print("embeddings: 10,000 texts batched vs one request per text; offline model")
+        out["embeddings"] = figures = measure_embeddings()
+        console.print(_embeddings_table(figures))
+    if "index" in suites or "loadtest" in suites:
+        with open_bench(
+            settings,
+            console,
+            data_dir=None,
+            database=BENCH_DATABASE,
+            broker_db=BENCH_BROKER_DB,
+            concurrency=concurrency,
+        ) as b:
+            if "index" in suites:
+                from benchmarks.index import measure_index
+
+                out["index"] = index = measure_index(settings=b.settings, log=console.print)
+                console.print(_index_table(index))
+            if "loadtest" in suites:
+                from benchmarks.loadtest import run_loadtest
+
+                out["loadtest"] = run_loadtest(b.settings, console=console)
+    return out
+
+
+def _embeddings_table(f: dict[str, Any]) -> Table:
+    t = Table(title=f"embeddings: {f['n_texts']:,} texts ({f['model']})")
+    for col in ("path", "requests", "wall time", "texts/s"):
+        t.add_column(col, justify="left" if col == "path" else "right")
+    for name in ("batched", "naive"):
+        r = f[name]
+        t.add_row(name, f"{r['requests']:,}", f"{r['wall_s']:.1f} s", f"{r['texts_per_s']:,}")
+    t.add_row("fewer requests", f"{f['request_reduction']:,}×", "", "")
+    local = f.get("local") or {}
+    if local:
+        t.add_row(
+            "offline model",
+            "",
+            f"load {local.get('load_s', 0):.2f} s",
+            f"{local.get('texts_per_s', 0):,}",
+        )
+    return t
+
+
+def _index_table(f: dict[str, Any]) -> Table:
+    t = Table(title=f"index rebuild and search, dimension {f['dim']}")
+    for col in ("vectors", "read", "build", "write", "total", "index", "recall@10", "reload"):
+        t.add_column(col, justify="right")
+    for n, r in f["sizes"].items():
+        timings = r.get("timings", {})
+        t.add_row(
+            f"{int(n):,}",
+            f"{timings.get('read_s', 0):.1f} s",
+            f"{timings.get('build_s', 0):.1f} s",
+            f"{timings.get('write_s', 0):.1f} s",
+            f"{r.get('rebuild_total_s', 0):.1f} s",
+            str(r.get("index_type", "")),
+            f"{r.get('recall_at_10') or 0:.3f}",
+            f"{r.get('reader_load_s', 0):.2f} s",
+        )
+    return t
