@@ -12,7 +12,7 @@ import redis
 
 from afterwrite.core.settings import Settings
 from afterwrite.demo import processes, traffic
-from afterwrite.producer import Client, Outcome
+from afterwrite.producer import Client
 from afterwrite.producer.client import redis_options
 from tests.helpers import wait_for
 
@@ -34,7 +34,9 @@ def test_worker_and_beat_store_every_recorded_query_exactly_once(
         ids = []
         for kwargs in traffic.queries(20_000, seed=11):
             receipt = client.record_query(**kwargs)
-            assert receipt.outcome is Outcome.SENT
+            # The promise is that every accepted id lands exactly once. On a loaded machine a
+            # call may outlast the 50 ms producer timeout and spill; the journal replays it.
+            assert receipt.accepted, receipt.outcome
             ids.append(str(receipt))
 
         def stored() -> bool:
