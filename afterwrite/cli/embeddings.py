@@ -7,6 +7,8 @@ import json
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from afterwrite.cli.common import cli_settings, console, db, fail
+
 
 @click.group("embeddings")
 def embeddings_cmd() -> None:
@@ -24,18 +26,17 @@ def reembed_cmd(collection: str, as_json: bool) -> None:
     keep searching the old index meanwhile; the next rebuild after this finishes publishes the
     new model's index. Safe to interrupt and run again: it continues where it stopped.
     """
-    from afterwrite.cli.main import _db, _fail, _settings, console
     from afterwrite.core.collections import check_collection
     from afterwrite.embedders.providers import ProviderError
     from afterwrite.worker.embedding.reembed import reembed
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         check_collection(collection)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     with (
-        _db(settings) as conn,
+        db(settings) as conn,
         Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -57,7 +58,7 @@ def reembed_cmd(collection: str, as_json: bool) -> None:
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         except ProviderError as exc:
-            _fail(f"embedding provider: {exc}; run the command again to continue", 1)
+            fail(f"embedding provider: {exc}; run the command again to continue", 1)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -69,7 +70,7 @@ def reembed_cmd(collection: str, as_json: bool) -> None:
     if report.failed:
         for doc_id, why in sorted(report.failed.items())[:20]:
             click.echo(f"  not re-embedded: {doc_id}: {why}", err=True)
-        _fail(
+        fail(
             f"{len(report.failed)} document(s) keep their old model; the index is not rebuilt "
             "until they are re-embedded or deleted",
             1,

@@ -1,36 +1,21 @@
 """``afterwrite index status|rebuild|rollback`` and ``afterwrite search``.
 
-Registered on the main group in afterwrite.cli.main (``main.add_command(index)``,
-``main.add_command(search)``); afterwrite.cli.main is imported inside the functions, so either
-module may be imported first.
+Registered on the main group by afterwrite.cli.main; shared helpers come from
+afterwrite.cli.common.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+from afterwrite.cli.common import cli_settings, console, fail
 
 _STAGES = {"read": "reading vectors", "build": "building", "check": "recall check",
            "write": "writing"}  # fmt: skip
-
-
-def _settings() -> Any:
-    from afterwrite.cli.main import _settings as load
-
-    return load()
-
-
-def _fail(message: str, code: int = 2) -> Any:
-    from afterwrite.cli.main import _fail as fail
-
-    fail(message, code)
 
 
 @click.group("index")
@@ -46,9 +31,9 @@ def index_status(collection: str | None, as_json: bool) -> None:
     from afterwrite.worker.index import jobs
 
     try:
-        rows = jobs.status(_settings(), collection)
+        rows = jobs.status(cli_settings(), collection)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -104,7 +89,7 @@ def index_rebuild(collection: str, force: bool, as_json: bool) -> None:
     """Build COLLECTION's index now (with a progress bar) and publish it."""
     from afterwrite.worker.index import jobs
 
-    settings = _settings()
+    settings = cli_settings()
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -123,7 +108,7 @@ def index_rebuild(collection: str, force: bool, as_json: bool) -> None:
         try:
             report = jobs.rebuild(settings, collection, force=force, progress=progress)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -147,9 +132,9 @@ def index_rollback(collection: str, to_version: int | None) -> None:
     from afterwrite.worker.index import jobs
 
     try:
-        manifest = jobs.rollback(_settings(), collection, to_version)
+        manifest = jobs.rollback(cli_settings(), collection, to_version)
     except (ValueError, IndexFileError) as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     console.print(f"{collection}: v{manifest['version']} published again (pinned)")
 
 
@@ -162,12 +147,12 @@ def search(collection: str, query: str, k: int, as_json: bool) -> None:
     """Search COLLECTION's published index for QUERY (text, embedded with its model)."""
     from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         reader = IndexReader(collection, settings=settings)
         hits = reader.search(query, k)
     except (IndexUnavailable, ValueError) as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     if as_json:
         click.echo(json.dumps({"version": reader.version, "hits": hits}))
         return

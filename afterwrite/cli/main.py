@@ -7,32 +7,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from afterwrite.core.settings import Settings, SettingsError, load_settings
-
-console = Console()
-
-
-def _settings(**overrides: Any) -> Settings:
-    """Settings for a command, with the application's own kinds (AFTERWRITE_IMPORTS) loaded."""
-    from afterwrite.models.registry import import_kind_modules
-
-    try:
-        settings = load_settings(**overrides)
-        import_kind_modules(settings.imports)
-    except (SettingsError, ImportError) as exc:
-        _fail(str(exc))
-    return settings
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"afterwrite: {message}", err=True)
-    sys.exit(code)
+from afterwrite.cli.common import cli_settings, console, db, fail
+from afterwrite.cli.embeddings import embeddings_cmd
+from afterwrite.cli.index import index, search
+from afterwrite.cli.observe import health, metrics_server
+from afterwrite.cli.stats import stats_cmd
+from afterwrite.cli.transfer import export_cmd, import_cmd
+from afterwrite.core.settings import SettingsError
 
 
 def _celery(argv: list[str]) -> None:
@@ -64,11 +51,11 @@ def migrate(revision: str) -> None:
     """Create or upgrade the database schema (Alembic)."""
     from afterwrite import migrations
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         migrations.upgrade(settings.sqlalchemy_url(), revision, settings.migration_dirs)
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"database at revision {revision}")
 
 
@@ -77,7 +64,7 @@ def migrate(revision: str) -> None:
 @click.pass_context
 def worker(ctx: click.Context, concurrency: int | None) -> None:
     """Start a Celery worker that drains the streams (extra args go to celery worker)."""
-    settings = _settings()
+    settings = cli_settings()
     settings.require_database_url()
     argv = ["worker", "--loglevel", settings.log_level]
     if concurrency:
@@ -89,7 +76,7 @@ def worker(ctx: click.Context, concurrency: int | None) -> None:
 @click.pass_context
 def beat(ctx: click.Context) -> None:
     """Start Celery beat: drains, reclaims, embedding, index rebuilds and refreshes, retention."""
-    settings = _settings()
+    settings = cli_settings()
     _celery(["beat", "--loglevel", settings.log_level, *ctx.args])
 
 
@@ -102,14 +89,14 @@ def beat(ctx: click.Context) -> None:
 @click.pass_context
 def flower(ctx: click.Context, unauthenticated: bool) -> None:
     """Start Flower with HTTP basic authentication (AFTERWRITE_FLOWER_USER/PASSWORD)."""
-    settings = _settings()
+    settings = cli_settings()
     argv = ["flower", f"--port={settings.flower_port}"]
     if settings.flower_user and settings.flower_password:
         # Through the environment, not argv: argv is visible to every user in `ps`.
         secret = settings.flower_password.get_secret_value()
         os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{secret}"
     elif not (unauthenticated or settings.flower_unauthenticated):
-        _fail(
+        fail(
             "Flower needs credentials: set AFTERWRITE_FLOWER_USER and "
             "AFTERWRITE_FLOWER_PASSWORD, or pass --unauthenticated for local development"
         )
@@ -124,9 +111,9 @@ def status(as_json: bool) -> None:
     from afterwrite.worker.operations.status import collect
 
     try:
-        report = collect(_settings())
+        report = collect(cli_settings())
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -167,7 +154,7 @@ def _dlq_filter(
             ids=ids,
         )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _dlq_options(f: Any) -> Any:
@@ -182,15 +169,6 @@ def _dlq_options(f: Any) -> Any:
     ):
         f = option(f)
     return f
-
-
-def _db(settings: Settings) -> Any:
-    import psycopg
-
-    try:
-        return psycopg.connect(settings.require_database_url(), autocommit=True)
-    except SettingsError as exc:
-        _fail(str(exc))
 
 
 @main.group()
@@ -215,7 +193,7 @@ def dlq_list(
     from afterwrite.worker.operations import dead_letter_admin as store
 
     flt = _dlq_filter(kind, reason, since, until, ids)
-    with _db(_settings()) as conn:
+    with db(cli_settings()) as conn:
         rows = store.list_dead(conn, flt, limit)
         total = store.count_dead(conn, flt)
     if as_json:
@@ -243,10 +221,10 @@ def dlq_show(dead_id: int) -> None:
     """One dead letter with its payload (as JSON)."""
     from afterwrite.worker.operations import dead_letter_admin as store
 
-    with _db(_settings()) as conn:
+    with db(cli_settings()) as conn:
         row = store.show(conn, dead_id)
     if row is None:
-        _fail(f"no dead letter with id {dead_id}", code=1)
+        fail(f"no dead letter with id {dead_id}", code=1)
     click.echo(json.dumps(row, default=str, indent=2, ensure_ascii=False))
 
 
@@ -266,10 +244,10 @@ def dlq_replay(
 
     from afterwrite.worker.operations import dead_letter_admin as store
 
-    settings = _settings()
+    settings = cli_settings()
     flt = _dlq_filter(kind, reason, since, until, ids)
     r = redis.Redis.from_url(settings.require_redis_url())
-    with _db(settings) as conn:
+    with db(settings) as conn:
         report = store.replay(conn, r, settings, flt, dry_run=dry_run)
     r.close()
     verb = "would replay" if dry_run else "replayed"
@@ -296,7 +274,7 @@ def dlq_purge(
     from afterwrite.worker.operations import dead_letter_admin as store
 
     flt = _dlq_filter(kind, reason, since, until, ids)
-    with _db(_settings()) as conn:
+    with db(cli_settings()) as conn:
         if not yes:
             n = store.count_dead(conn, flt)
             click.echo(f"{n} dead letters match; run again with --yes to delete them")
@@ -329,7 +307,7 @@ def demo(records: int, rate: float, data_dir: Path | None, private: bool, docume
     index and search a small knowledge base."""
     from afterwrite.demo.run import run_demo
 
-    settings = _settings()
+    settings = cli_settings()
     code = run_demo(
         settings,
         records=records,
@@ -386,7 +364,7 @@ def bench(
     from benchmarks.main import run_bench
     from benchmarks.suites import SUITES, run_suites
 
-    settings = _settings()
+    settings = cli_settings()
     chosen = SUITES if "all" in suites else tuple(dict.fromkeys(suites))
     # With --json, stdout carries only the JSON; tables and progress go to stderr.
     out_console = Console(stderr=True) if as_json else console
@@ -409,25 +387,14 @@ def bench(
         click.echo(json.dumps(result, indent=2))
 
 
-def _register_subcommands() -> None:
-    # Commands that live in their own modules (they import this one for _settings/_fail).
-    from afterwrite.cli.embeddings import embeddings_cmd
-    from afterwrite.cli.index import index, search
-    from afterwrite.cli.observe import health, metrics_server
-    from afterwrite.cli.stats import stats_cmd
-    from afterwrite.cli.transfer import export_cmd, import_cmd
-
-    main.add_command(embeddings_cmd)
-    main.add_command(index)
-    main.add_command(search)
-    main.add_command(metrics_server)
-    main.add_command(health)
-    main.add_command(stats_cmd)
-    main.add_command(export_cmd)
-    main.add_command(import_cmd)
-
-
-_register_subcommands()
+main.add_command(embeddings_cmd)
+main.add_command(index)
+main.add_command(search)
+main.add_command(metrics_server)
+main.add_command(health)
+main.add_command(stats_cmd)
+main.add_command(export_cmd)
+main.add_command(import_cmd)
 
 if __name__ == "__main__":
     main()

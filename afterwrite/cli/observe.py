@@ -6,8 +6,7 @@ The metrics server is an HTTP surface, so it asks for the monitoring credentials
 Flower; Prometheus sends them with ``basic_auth`` in its scrape config). ``--unauthenticated``
 or ``AFTERWRITE_FLOWER_UNAUTHENTICATED`` turns that off for local development.
 
-Registered on the main group in afterwrite.cli.main; afterwrite.cli.main is imported inside the
-functions, so either module may be imported first.
+Registered on the main group by afterwrite.cli.main.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import click
 from rich.table import Table
 
+from afterwrite.cli.common import cli_settings, fail
 from afterwrite.core.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -85,14 +85,13 @@ def metrics_app(settings: Any, *, authenticated: bool) -> WSGIApplication:
 
 def _service_settings() -> Settings:
     """Settings with both Redis and PostgreSQL configured, or exit 2 naming what is missing."""
-    from afterwrite.cli.main import _fail, _settings
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         settings.require_redis_url()
         settings.require_database_url()
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return settings
 
 
@@ -108,12 +107,11 @@ def metrics_server(host: str, port: int, unauthenticated: bool) -> None:
     Needs AFTERWRITE_FLOWER_USER and AFTERWRITE_FLOWER_PASSWORD (HTTP basic), unless
     --unauthenticated. Metric names: docs/monitoring.md.
     """
-    from afterwrite.cli.main import _fail
 
     settings = _service_settings()
     authenticated = not (unauthenticated or settings.flower_unauthenticated)
     if authenticated and not (settings.flower_user and settings.flower_password):
-        _fail(
+        fail(
             "metrics-server needs credentials: set AFTERWRITE_FLOWER_USER and "
             "AFTERWRITE_FLOWER_PASSWORD, or pass --unauthenticated for local development"
         )
@@ -123,7 +121,7 @@ def metrics_server(host: str, port: int, unauthenticated: bool) -> None:
             host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
         )
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc}")
+        fail(f"cannot listen on {host}:{port}: {exc}")
     click.echo(f"metrics on http://{host}:{server.server_port}/metrics", err=True)
     try:
         server.serve_forever()

@@ -1,8 +1,7 @@
 """``afterwrite stats``: usage per model, user, day or mode (afterwrite.worker.operations.usage) as
 a table, JSON or an HTML chart.
 
-Read-only. Registered on the main group in afterwrite.cli.main; afterwrite.cli.main is imported
-inside the functions, so either module may be imported first.
+Read-only. Registered on the main group by afterwrite.cli.main.
 """
 
 from __future__ import annotations
@@ -16,19 +15,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from afterwrite.cli.common import cli_settings, fail
 from afterwrite.worker.operations.usage import GROUP_BYS, GroupBy, UsageRow
 
 _KEY_TITLES = {"model": "model", "user": "user", "day": "day (UTC)", "mode": "mode"}
 
 
 def _time(value: str, now: datetime) -> datetime:
-    from afterwrite.cli.main import _fail
     from afterwrite.worker.operations.dead_letter_admin import parse_time
 
     try:
         return parse_time(value, now=now)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _ms(value: float | None) -> str:
@@ -94,7 +93,6 @@ def stats_cmd(
     """
     import psycopg
 
-    from afterwrite.cli.main import _fail, _settings
     from afterwrite.core.settings import SettingsError
     from afterwrite.worker.operations.usage import usage
 
@@ -102,8 +100,8 @@ def stats_cmd(
     start = _time(since, now)
     end = now if until is None else _time(until, now)
     if start >= end:
-        _fail(f"empty window: --since {since} is not before --until {until or 'now'}")
-    settings = _settings()
+        fail(f"empty window: --since {since} is not before --until {until or 'now'}")
+    settings = cli_settings()
     try:
         conn = psycopg.connect(
             settings.require_database_url(),
@@ -112,9 +110,9 @@ def stats_cmd(
             connect_timeout=10,
         )
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except psycopg.OperationalError as exc:
-        _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+        fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
     with conn:
         rows = usage(
             conn,
@@ -133,7 +131,7 @@ def stats_cmd(
         try:
             html_file.write_text(html_page(rows, title=title), encoding="utf-8")
         except OSError as exc:
-            _fail(f"cannot write {html_file}: {exc}")
+            fail(f"cannot write {html_file}: {exc}")
     if as_json:
         report: dict[str, Any] = {
             "since": start.isoformat(),

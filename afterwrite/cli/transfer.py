@@ -2,8 +2,7 @@
 (afterwrite.worker.operations.transfer).
 
 Progress and summaries go to stderr for ``export`` (stdout may carry the rows) and the summary
-to stdout for ``import``. Registered on the main group in afterwrite.cli.main; afterwrite.cli.main
-is imported inside the functions, so either module may be imported first.
+to stdout for ``import``. Registered on the main group by afterwrite.cli.main.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from afterwrite.cli.common import cli_settings, fail
 from afterwrite.core.settings import Settings, SettingsError
 
 
@@ -57,8 +57,6 @@ def _progress(console: Console, *, bar: bool) -> Progress:
 def _connect(settings: Settings, application_name: str, **kwargs: Any) -> Any:
     import psycopg
 
-    from afterwrite.cli.main import _fail
-
     try:
         return psycopg.connect(
             settings.require_database_url(),
@@ -68,13 +66,12 @@ def _connect(settings: Settings, application_name: str, **kwargs: Any) -> Any:
             **kwargs,
         )
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except psycopg.OperationalError as exc:
-        _fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+        fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
 
 
 def _time(value: str | None) -> datetime | None:
-    from afterwrite.cli.main import _fail
     from afterwrite.worker.operations.dead_letter_admin import parse_time
 
     if value is None:
@@ -82,7 +79,7 @@ def _time(value: str | None) -> datetime | None:
     try:
         return parse_time(value)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _rate(n: int, seconds: float) -> str:
@@ -103,15 +100,14 @@ def export_cmd(kind: str, since: str | None, until: str | None, output: Path | N
     """Write KIND's rows as JSON Lines, ordered by id (one object per row, no header)."""
     import psycopg
 
-    from afterwrite.cli.main import _fail, _settings
     from afterwrite.models.registry import UnknownKindError, kinds
     from afterwrite.worker.operations.transfer import TransferError, export_rows
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         k = kinds.get(kind)
     except UnknownKindError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     lo, hi = _time(since), _time(until)
     started = time.monotonic()
     # No statement or idle timeouts here: a reader slower than the database (a pipe into
@@ -127,7 +123,7 @@ def export_cmd(kind: str, since: str | None, until: str | None, output: Path | N
         except BrokenPipeError:
             _quiet_exit_on_closed_stdout()
         except (TransferError, psycopg.Error, OSError) as exc:
-            _fail(str(exc).strip(), code=1)
+            fail(str(exc).strip(), code=1)
     where = f" to {output}" if output is not None else ""
     elapsed_s = time.monotonic() - started
     click.echo(f"exported {rows:,} {k.name} rows{where} ({_rate(rows, elapsed_s)})", err=True)
@@ -137,7 +133,6 @@ def export_cmd(kind: str, since: str | None, until: str | None, output: Path | N
 def _output(path: Path | None) -> Iterator[BinaryIO]:
     """stdout, or ``path`` written as ``path.partial`` and renamed only once complete: an
     interrupted or failed export never leaves a truncated file under the real name."""
-    from afterwrite.cli.main import _fail
 
     if path is None:
         yield sys.stdout.buffer
@@ -146,7 +141,7 @@ def _output(path: Path | None) -> Iterator[BinaryIO]:
     try:
         f = partial.open("wb")
     except OSError as exc:
-        _fail(f"cannot write {path}: {exc.strerror}")
+        fail(f"cannot write {path}: {exc.strerror}")
     try:
         with f:
             yield f
@@ -187,17 +182,16 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
     """
     import psycopg
 
-    from afterwrite.cli.main import _fail, _settings
     from afterwrite.models.registry import UnknownKindError, kinds
     from afterwrite.worker.operations.transfer import ImportReport, TransferError, import_rows
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         k = kinds.get(kind)
     except UnknownKindError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if batch_size < 1:
-        _fail("--batch-size must be at least 1")
+        fail("--batch-size must be at least 1")
     err = Console(stderr=True)
     stdin = str(file) == "-"
     read = [0]
@@ -207,7 +201,7 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
             f: BinaryIO = sys.stdin.buffer if stdin else stack.enter_context(file.open("rb"))
             size = None if stdin else os.fstat(f.fileno()).st_size
         except OSError as exc:
-            _fail(f"cannot read {file}: {exc.strerror}")
+            fail(f"cannot read {file}: {exc.strerror}")
         conn = stack.enter_context(
             _connect(
                 settings,
@@ -234,7 +228,7 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
                 guard_min_lines=settings.dlq_guard_min_entries,
             )
         except (TransferError, psycopg.Error, OSError) as exc:
-            _fail(str(exc).strip(), code=1)
+            fail(str(exc).strip(), code=1)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return

@@ -228,7 +228,7 @@ def _embeddings(
 ) -> int:
     """Embed ``count`` knowledge-base articles, wait until beat published an index holding
     them, then search it."""
-    from afterwrite.producer import IndexReader
+    from afterwrite.readers.index_reader import IndexReader
 
     model = settings.collection_model(DEMO_COLLECTION)
     console.print(f"\nembedding {count:,} knowledge-base articles with {model}")

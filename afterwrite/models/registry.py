@@ -8,28 +8,31 @@ Kind names and table names only ever come from here, never from input.
 
 from __future__ import annotations
 
-import importlib
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Table
 from sqlalchemy.orm import DeclarativeBase
 
+from afterwrite.core import kinds as kind_names
+from afterwrite.core.kinds import UnknownKindError, import_kind_modules
+
 if TYPE_CHECKING:
     from psycopg import sql
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-
 M = TypeVar("M", bound=type[DeclarativeBase])
 
-
-class UnknownKindError(KeyError):
-    """A kind name that is not registered (a typo, or input that is not to be trusted)."""
-
-    def __str__(self) -> str:
-        return f"unknown record kind {self.args[0]!r}; registered: {', '.join(kinds.names())}"
+__all__ = [
+    "InsertHook",
+    "Kind",
+    "KindRegistry",
+    "UnknownKindError",
+    "Validator",
+    "import_kind_modules",
+    "kinds",
+    "register_kind",
+]
 
 
 Validator = Callable[[dict[str, Any]], None]
@@ -65,14 +68,14 @@ class KindRegistry:
         self._kinds: dict[str, Kind] = {}
 
     def register(self, kind: Kind) -> None:
-        if not _NAME.fullmatch(kind.name):
-            raise ValueError(f"kind name {kind.name!r} must match {_NAME.pattern}")
+        kind_names.check_name(kind.name)
         existing = self._kinds.get(kind.name)
         if existing is not None and existing.model is not kind.model:
             raise ValueError(f"kind {kind.name!r} is already registered to {existing.model}")
         if "id" not in kind.table.c or not kind.table.c.id.primary_key:
             raise ValueError(f"kind {kind.name!r}: table {kind.table.name} needs primary key 'id'")
         self._kinds[kind.name] = kind
+        kind_names.add(kind.name)
 
     def get(self, name: str) -> Kind:
         try:
@@ -115,15 +118,3 @@ def register_kind(
         return model
 
     return decorate
-
-
-def import_kind_modules(modules: Iterable[str]) -> None:
-    """Import the modules that register an application's own kinds (``AFTERWRITE_IMPORTS``).
-
-    Raises ImportError naming the setting, so a typo stops the process at start.
-    """
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ImportError(f"AFTERWRITE_IMPORTS: cannot import {name!r}: {exc}") from exc

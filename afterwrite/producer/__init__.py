@@ -1,29 +1,12 @@
-"""The afterwrite client used in request handlers, and the index reader for searching."""
+"""The afterwrite client used in request handlers: ``Client`` (sync) and ``AsyncClient``.
 
-from typing import TYPE_CHECKING, Any
+Light on purpose: importing it loads the core (settings, wire format, ids, kind names), redis
+and msgspec, never SQLAlchemy, psycopg, Celery, numpy or FAISS. Searching lives in
+``afterwrite.readers``.
+"""
 
 from afterwrite.producer.aio import AsyncClient
 from afterwrite.producer.client import Client
 from afterwrite.producer.records import Outcome, ProducerStats, Receipt
 
-if TYPE_CHECKING:
-    from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
-
-__all__ = [
-    "AsyncClient",
-    "Client",
-    "IndexReader",
-    "IndexUnavailable",
-    "Outcome",
-    "ProducerStats",
-    "Receipt",
-]
-
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use: a service that only records never loads FAISS and numpy.
-    if name in {"IndexReader", "IndexUnavailable"}:
-        from afterwrite.readers import index_reader
-
-        return getattr(index_reader, name)
-    raise AttributeError(f"module 'producer' has no attribute {name!r}")
+__all__ = ["AsyncClient", "Client", "Outcome", "ProducerStats", "Receipt"]

@@ -9,17 +9,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from afterwrite.core import kinds
 from afterwrite.core.collections import check_collection, check_doc_id
 from afterwrite.core.ids import uuid7_str
-from afterwrite.models.registry import kinds
 from afterwrite.producer.records import query_record
+
+if TYPE_CHECKING:
+    from afterwrite.core.settings import Settings
 
 R = TypeVar("R")
 
 
 class RecordMethods(ABC, Generic[R]):
+    _settings: Settings
+
     @abstractmethod
     def _record(self, kind: str, event_id: str, record: Any) -> R:
         """Encode ``record`` (a dict or a msgspec Struct whose id is ``event_id``) and hand
@@ -65,9 +70,13 @@ class RecordMethods(ABC, Generic[R]):
         """Record one entry of a registered kind; ``payload`` maps column names to values.
 
         An ``id`` (UUIDv7) is added when the payload has none. Raises UnknownKindError for a
-        kind that is not registered: a programming error, caught in the first test run.
+        kind that is not registered: a programming error, caught in the first test run. An
+        application's own kind is known once its module is imported, by the application or,
+        on first use here, through ``AFTERWRITE_IMPORTS``.
         """
-        kinds.get(kind)
+        if not kinds.is_known(kind):
+            kinds.import_kind_modules(self._settings.imports)
+            kinds.require(kind)
         record = dict(payload)
         event_id = record.setdefault("id", uuid7_str())
         return self._record(kind, str(event_id), record)

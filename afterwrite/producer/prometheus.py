@@ -8,7 +8,7 @@ export them. Register one collector per client in the registry the application s
 
     REGISTRY.register(ProducerCollector(client))
 
-Metric names come from afterwrite's one registry (``afterwrite.worker.operations.exporter.METRICS``,
+Metric names come from afterwrite's one registry (``afterwrite.core.metric_names.METRICS``,
 listed in docs/monitoring.md): ``afterwrite_producer_records_total{outcome}``,
 ``afterwrite_producer_not_sent_total{reason}`` and ``afterwrite_producer_buffered``. Values are read
 from ``client.stats.snapshot()`` at scrape time; nothing is added to the hot path. With several
@@ -24,8 +24,8 @@ from typing import Protocol
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from afterwrite.core.metric_names import family
 from afterwrite.producer.records import ProducerStats
-from afterwrite.worker.operations.exporter import family
 
 OUTCOMES = ("recorded", "sent", "spilled", "replayed", "dropped", "invalid")
 REASONS = ("failed", "over_cap", "buffer_full")

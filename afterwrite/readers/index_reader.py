@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import faiss
-import numpy as np
-import numpy.typing as npt
-
 from afterwrite.core.collections import check_collection
-from afterwrite.vectorindex import files
+from afterwrite.core.errors import TransientError
 
 if TYPE_CHECKING:
+    import faiss
+    import numpy as np
+    import numpy.typing as npt
+
     from afterwrite.core.settings import Settings
+    from afterwrite.vectorindex import files
 
 log = logging.getLogger("afterwrite.index")
 
@@ -43,7 +44,20 @@ QUERY_EMBED_TIMEOUT_S = 5.0
 """Provider timeout when a text query is embedded (no retries)."""
 
 
-class IndexUnavailable(LookupError):
+def _import_numpy_and_faiss() -> None:
+    """Bind numpy, FAISS and the index file format in this module, on the first construction.
+
+    ``from afterwrite import IndexReader`` alone loads neither (a web process that records and
+    never searches pays nothing); the first ``IndexReader(...)`` does.
+    """
+    global faiss, np, files  # noqa: PLW0603  (module-level names, bound once)
+    import faiss
+    import numpy as np
+
+    from afterwrite.vectorindex import files
+
+
+class IndexUnavailable(TransientError, LookupError):
     """No verified version of the collection's index has been loaded (nothing published yet,
     or every published version failed verification)."""
 
@@ -112,6 +126,7 @@ class IndexReader:
         check_interval_s: float = 1.0,
     ) -> None:
         self.collection = check_collection(collection)
+        _import_numpy_and_faiss()
         if index_dir is None:
             if settings is None:
                 from afterwrite.core.settings import load_settings

@@ -1,6 +1,6 @@
 """The index directory on disk: file names, atomic writes, and verified loading.
 
-Shared by the builder (writes) and ``producer.IndexReader`` (reads); no database here.
+Shared by the builder (writes) and ``afterwrite.IndexReader`` (reads); no database here.
 
 ```
 <index_path>/<collection>/

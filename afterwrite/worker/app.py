@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 from celery import Celery, signals
 
 from afterwrite.core import logs
+from afterwrite.core.kinds import import_kind_modules
 from afterwrite.core.settings import Settings, SettingsError, load_settings
-from afterwrite.models.registry import import_kind_modules, kinds
+from afterwrite.models.registry import kinds
 from afterwrite.worker import shutdown
 from afterwrite.worker.embedding.stage import embed_time_limit_s
 from afterwrite.worker.operations.retention import retention_days

@@ -7,7 +7,7 @@ import enum
 import psycopg
 import redis
 
-from afterwrite.models.registry import UnknownKindError
+from afterwrite.core.kinds import UnknownKindError
 
 
 class BadDeployError(RuntimeError):

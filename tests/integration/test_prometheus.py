@@ -20,11 +20,12 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from afterwrite.core.metric_names import METRICS, SPECS
 from afterwrite.core.settings import Settings, load_settings
 from afterwrite.producer import Client
 from afterwrite.producer.client import redis_options
 from afterwrite.producer.prometheus import ProducerCollector
-from afterwrite.worker.operations.exporter import METRICS, SPECS, registry
+from afterwrite.worker.operations.exporter import registry
 from afterwrite.worker.runtime import Runtime
 from tests.helpers import wait_for
 
