@@ -352,7 +352,7 @@ class IndexReader:
         # A search serves a request: a short provider timeout and one retry, not the
         # worker's patience (minutes of retries would hang the caller's handler).
         from afterwrite.embedders.providers import LOCAL_MODEL_ID
-        from afterwrite.worker.embedding.stage import normalise
+        from afterwrite.embedders.text import normalise
 
         view = self._view
         update: dict[str, Any] = {

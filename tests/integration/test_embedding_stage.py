@@ -15,9 +15,10 @@ import redis
 
 from afterwrite.core.settings import Settings
 from afterwrite.embedders.providers import EmbedResult, Limits, TransientProviderError
+from afterwrite.embedders.text import content_hash, normalise
 from afterwrite.producer import Client
 from afterwrite.producer.client import redis_options
-from afterwrite.worker.embedding.stage import EmbedStage, content_hash, normalise
+from afterwrite.worker.embedding.stage import EmbedStage
 from afterwrite.worker.runtime import Runtime
 
 DIM = 8

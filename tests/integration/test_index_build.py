@@ -13,8 +13,8 @@ import pytest
 from afterwrite.demo.services import Endpoints
 from afterwrite.readers.index_reader import IndexReader
 from afterwrite.vectorindex import files
-from afterwrite.vectorindex.lock import BUILD, LockBusy, collection_lock
 from afterwrite.worker.index import jobs, source
+from afterwrite.worker.index.lock import BUILD, LockBusy, collection_lock
 from tests.index_helpers import add, clustered_vectors, index_settings, random_unit, upsert
 
 DIM = 32

@@ -19,14 +19,13 @@ import psycopg
 
 from afterwrite.core.collections import check_collection
 from afterwrite.core.settings import Settings
+from afterwrite.embedders.text import content_hash, normalise
 from afterwrite.worker.embedding.stage import (
     STATS_FIELDS,
     EmbedderFactory,
     EmbedStage,
-    content_hash,
     default_embedder,
     expected_dim,
-    normalise,
 )
 
 log = logging.getLogger("afterwrite.embedding")

@@ -26,12 +26,10 @@ the jobs wait for the next run. Provider calls happen inside the transaction, so
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import time
-import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ import redis
 from afterwrite.core import wire
 from afterwrite.core.settings import Settings
 from afterwrite.embedders.providers import LOCAL_MODEL_ID
+from afterwrite.embedders.text import content_hash, normalise
 from afterwrite.models.embedding import EMBED_KIND
 from afterwrite.worker.ingest import dead_letters
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -152,16 +151,6 @@ def expected_dim(settings: Settings, model: str) -> int | None:
     if model == LOCAL_MODEL_ID:
         return None
     return settings.embedding_dimensions
-
-
-def normalise(text: str) -> str:
-    """What is embedded and hashed: NFC, whitespace runs collapsed, ends stripped. Texts that
-    differ only in spacing or Unicode composition share one vector."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
-def content_hash(normalised: str) -> bytes:
-    return hashlib.sha256(normalised.encode("utf-8", "surrogatepass")).digest()
 
 
 def vector_bytes(vector: np.ndarray[Any, Any]) -> bytes:

@@ -1,7 +1,7 @@
-"""FAISS index lifecycle: read vectors from PostgreSQL, build, publish atomically, freshen.
+"""The index stage: read vectors from PostgreSQL, build, publish atomically, freshen.
 
-Modules: ``source`` (COPY BINARY → numpy), ``choose`` (index type, pure), ``build`` (FAISS,
-recall), ``files`` (on-disk format, atomic writes, verified loading), ``publish`` (versions,
-manifest, rollback), ``delta`` (changes since a build), ``lock`` (one builder per collection),
-``jobs`` (the functions Celery wraps). Readers: ``afterwrite.readers.index_reader.IndexReader``.
+Modules: ``source`` (COPY BINARY → numpy), ``publish`` (versions, manifest, rollback), ``delta``
+(changes since a build), ``lock`` (one builder per collection, a PostgreSQL advisory lock),
+``jobs`` (the functions Celery wraps). The FAISS side with no database (``choose``, ``build``,
+``files``) is ``afterwrite.vectorindex``; readers: ``afterwrite.readers.index_reader``.
 """

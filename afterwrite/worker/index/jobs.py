@@ -27,9 +27,9 @@ from afterwrite.core.settings import Settings
 from afterwrite.vectorindex import files
 from afterwrite.vectorindex.build import TUNE_RECALL_TARGET, build_index
 from afterwrite.vectorindex.choose import choose_index
-from afterwrite.vectorindex.lock import BUILD, DELTA, LockBusy, collection_lock
 from afterwrite.worker.index import delta as deltas
 from afterwrite.worker.index import publish, source
+from afterwrite.worker.index.lock import BUILD, DELTA, LockBusy, collection_lock
 
 log = logging.getLogger("afterwrite.index")
 

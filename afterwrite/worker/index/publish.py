@@ -4,7 +4,7 @@ Order of a publish (each step atomic, see :mod:`afterwrite.vectorindex.files`): 
 the version's own manifest copy, then ``manifest.json``. Until the last ``os.replace`` readers
 see the previous version; a crash anywhere before it leaves that version published and
 loadable, plus at most a ``.tmp-*`` file that the next builder removes. Callers hold the
-collection's build lock (:mod:`afterwrite.vectorindex.lock`).
+collection's build lock (:mod:`afterwrite.worker.index.lock`).
 """
 
 from __future__ import annotations
