@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from afterwrite.cli.common import cli_settings, fail
-from afterwrite.worker.operations.usage import GROUP_BYS, GroupBy, UsageRow
+from afterwrite.worker.operations.usage_rows import GROUP_BYS, GroupBy, UsageRow
 
 _KEY_TITLES = {"model": "model", "user": "user", "day": "day (UTC)", "mode": "mode"}
 

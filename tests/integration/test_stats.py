@@ -27,7 +27,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from afterwrite.cli.stats import stats_cmd
-from afterwrite.worker.operations.usage import GroupBy, UsageRow, usage, usage_params, usage_query
+from afterwrite.worker.operations.usage import usage, usage_params, usage_query
+from afterwrite.worker.operations.usage_rows import GroupBy, UsageRow
 
 T = datetime(2026, 11, 1, tzinfo=UTC)
 SINCE = T - timedelta(days=2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from afterwrite.worker.operations.usage import UsageRow
 from afterwrite.worker.operations.usage_chart import html_page, svg_chart
+from afterwrite.worker.operations.usage_rows import UsageRow
 
 
 def _row(key: str | None, calls: int, p95: float | None) -> UsageRow:

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from afterwrite.worker.operations.usage import GROUP_BYS, usage_params, usage_query
+from afterwrite.worker.operations.usage import usage_params, usage_query
+from afterwrite.worker.operations.usage_rows import GROUP_BYS
 
 
 @pytest.mark.parametrize("group_by", GROUP_BYS)

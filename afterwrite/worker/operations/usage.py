@@ -28,34 +28,16 @@ travels as a bound parameter.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-GroupBy = Literal["model", "user", "day", "mode"]
-GROUP_BYS: tuple[GroupBy, ...] = get_args(GroupBy)
+from afterwrite.worker.operations.usage_rows import GROUP_BYS, GroupBy, UsageRow
 
 P95 = 0.95
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    """One group's figures over the window."""
-
-    key: str | None
-    """Model id, user id, ``YYYY-MM-DD`` (UTC) or mode; ``None`` for a missing user or mode."""
-    calls: int
-    avg_latency_ms: float | None
-    p95_latency_ms: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from afterwrite.worker.operations.usage import UsageRow
+from afterwrite.worker.operations.usage_rows import UsageRow
 
 BAR_HEIGHT_PX = 22
 BAR_GAP_PX = 6
