@@ -1,5 +1,6 @@
-"""``afterwrite bench --suite embeddings|index|loadtest``: the benchmarks of embeddings, FAISS
-indexes and the example web app, on the bench's own database and stream prefix."""
+"""``afterwrite bench --suite embeddings|index|loadtest|startup``: the benchmarks of embeddings,
+FAISS indexes, the example web app, and start-up costs (client import, CLI), on the bench's own
+database and stream prefix."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from afterwrite.core.settings import Settings
 from benchmarks.context import BENCH_BROKER_DB, BENCH_DATABASE, open_bench
 
-SUITES = ("pipeline", "embeddings", "index", "loadtest")
+SUITES = ("pipeline", "embeddings", "index", "loadtest", "startup")
 
 
 def run_suites(
@@ -25,7 +26,7 @@ def run_suites(
         console.print("embeddings: 10,000 texts batched vs one request per text; offline model")
         out["embeddings"] = figures = measure_embeddings()
         console.print(_embeddings_table(figures))
-    if "index" in suites or "loadtest" in suites:
+    if "index" in suites or "loadtest" in suites or "startup" in suites:
         with open_bench(
             settings,
             console,
@@ -43,6 +44,13 @@ def run_suites(
                 from benchmarks.loadtest import run_loadtest
 
                 out["loadtest"] = run_loadtest(b.settings, console=console)
+            if "startup" in suites:
+                from benchmarks.context import worker_env
+                from benchmarks.startup import measure_startup
+
+                console.print("startup: median of 5 fresh interpreters per command")
+                out["startup"] = startup = measure_startup(worker_env(b.settings))
+                console.print(_startup_table(startup))
     return out
 
 
@@ -81,4 +89,20 @@ def _index_table(f: dict[str, Any]) -> Table:
             f"{r.get('recall_at_10') or 0:.3f}",
             f"{r.get('reader_load_s', 0):.2f} s",
         )
+    return t
+
+
+def _startup_table(f: dict[str, Any]) -> Table:
+    t = Table(title=f"start-up, median of {f['runs']} runs (python alone {f['python_s']:.3f} s)")
+    for col in ("command", "wall time", "target"):
+        t.add_column(col, justify="left" if col == "command" else "right")
+    target = f["targets"]
+    t.add_row('python -c "import redis"', f"{f['import_redis_s']:.3f} s", "reference")
+    t.add_row(
+        'python -c "import afterwrite; afterwrite.Client"',
+        f"{f['import_client_s']:.3f} s ({f['client_import_vs_redis']:.2f}×)",
+        f"≤ {target['client_import_vs_redis']:.0f}× import redis",
+    )
+    t.add_row("afterwrite --help", f"{f['help_s']:.3f} s", f"≤ {target['help_s']} s")
+    t.add_row("afterwrite status (empty)", f"{f['status_s']:.3f} s", f"≤ {target['status_s']} s")
     return t

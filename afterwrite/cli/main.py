@@ -338,13 +338,13 @@ def demo(records: int, rate: float, data_dir: Path | None, private: bool, docume
 @click.option(
     "--suite",
     "suites",
-    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "all"]),
+    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "startup", "all"]),
     multiple=True,
     default=("pipeline",),
     show_default=True,
     help="What to measure (repeatable): the record/drain pipeline, embedding batching and the "
     "offline model, index rebuild/search at 100k and 1M vectors, the example web app under "
-    "load (wrk).",
+    "load (wrk), start-up (client import, afterwrite --help, afterwrite status).",
 )
 def bench(
     entries: int,
@@ -357,10 +357,12 @@ def bench(
     suites: tuple[str, ...],
 ) -> None:
     """Measure hot-path latency and drain throughput against their ceilings (and, with
-    --suite, embeddings, indexes and the web app under load).
+    --suite, embeddings, indexes, the web app under load, start-up times).
 
-    Uses its own database (afterwrite_bench) and stream prefix; never touches real data.
+    Runs from a checkout (the benchmarks are not in the wheel). Uses its own database
+    (afterwrite_bench) and stream prefix; never touches real data.
     """
+    _use_checkout_benchmarks()
     from benchmarks.main import run_bench
     from benchmarks.suites import SUITES, run_suites
 
@@ -385,6 +387,27 @@ def bench(
         result = {**({"pipeline": result} if result else {}), **others}
     if as_json:
         click.echo(json.dumps(result, indent=2))
+
+
+def _use_checkout_benchmarks() -> None:
+    """Put the checkout holding ``benchmarks/`` on the path (this process's and its children's).
+
+    The benchmarks are development code and not in the wheel: ``afterwrite bench`` runs from a
+    checkout (an editable install, or any install started inside the checkout).
+    """
+    import afterwrite
+
+    for root in (Path.cwd(), Path(afterwrite.__file__).resolve().parents[1]):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            break
+    else:
+        fail(
+            "afterwrite bench runs from a checkout of afterwrite: benchmarks/ is development "
+            "code and not in the installed package (git clone, then ./dev bench)"
+        )
+    sys.path.insert(0, str(root))
+    paths = [str(root), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 main.add_command(embeddings_cmd)
