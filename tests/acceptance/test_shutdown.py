@@ -36,6 +36,15 @@ def _preload(rdb: redis.Redis, settings: Settings, count: int) -> None:
     pipe.execute()
 
 
+def _batch_holder(rdb: redis.Redis, key: str, group: str) -> int | None:
+    """The pid of the consumer with entries pending (consumer names are ``host:pid``)."""
+    for consumer in rdb.xpending(key, group)["consumers"]:
+        if int(consumer["pending"]) > 0:
+            name = consumer["name"]
+            return int((name.decode() if isinstance(name, bytes) else name).rsplit(":", 1)[1])
+    return None
+
+
 def _rows(pg: psycopg.Connection[Any]) -> int:
     row = pg.execute("SELECT count(*) FROM query_history").fetchone()
     return int(row[0]) if row else 0
@@ -90,13 +99,16 @@ def test_second_sigterm_abandons_the_batch_and_hands_it_back(
     worker = processes.start_worker(env, tmp_path, concurrency=1)
     beat = processes.start_beat(env, tmp_path)
     try:
-        (child,) = wait_for(lambda: child_pids(worker.pid), timeout_s=30, what="pool child")
-        wait_for(
-            lambda: rdb.xpending(key, settings.consumer_group)["pending"] > 0,
+        wait_for(lambda: child_pids(worker.pid), timeout_s=30, what="pool child")
+        # Signal the process that holds the batch, named by its consumer in the group: the
+        # pool child seen at start may have been replaced before it took one.
+        child = wait_for(
+            lambda: _batch_holder(rdb, key, settings.consumer_group),
             timeout_s=60,
             interval_s=0.01,
             what="a batch in flight",
         )
+        assert child in child_pids(worker.pid)
         os.kill(child, signal.SIGTERM)
         time.sleep(DUPLICATE_WINDOW_S + 0.1)  # a second request, not the same one twice
         os.kill(child, signal.SIGTERM)
