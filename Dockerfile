@@ -13,10 +13,6 @@ WORKDIR /app
 # Only what the package and the examples need (not .venv, .git or local data directories).
 COPY pyproject.toml README.md ./
 COPY afterwrite ./afterwrite
-COPY producer ./producer
-COPY worker ./worker
-COPY models ./models
-COPY migrations ./migrations
 COPY examples ./examples
 # The `examples` extra brings the web app's server (fastapi, uvicorn, flask).
 RUN pip install ".[examples]"

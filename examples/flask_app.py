@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 
-from afterwrite.producer import Client
+from afterwrite import Client
 from examples import fakellm
 
 OPTIONAL_FIELDS = ("user_id", "session_id", "mode")

@@ -34,7 +34,7 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from afterwrite.producer import AsyncClient, Client
+from afterwrite import AsyncClient, Client
 from examples import fakellm
 
 RECORDING_ENV = "EXAMPLE_RECORDING"
