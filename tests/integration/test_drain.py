@@ -290,3 +290,18 @@ def test_mostly_good_batches_pass_the_guard(
         rdb.xadd(drain.stream.key, {wire.PAYLOAD_FIELD: b"\xc1"})
     report = drain.run(budget_s=5)
     assert (report.inserted, report.dead_lettered) == (100, 50)
+
+
+def test_a_vanished_group_is_created_again_and_nothing_is_lost(
+    client: Client, runtime: Runtime, pg: psycopg.Connection[Any], rdb: redis.Redis
+) -> None:
+    drain = runtime.drain("query")
+    first = [client.record_query(f"before {i}") for i in range(3)]
+    assert drain.run(budget_s=5).inserted == 3
+    # What a Redis restart without persistence, a FLUSHDB or an eviction policy leaves behind
+    rdb.delete(drain.stream.key)
+    later = [client.record_query(f"after {i}") for i in range(4)]  # creates the stream, no group
+    report = drain.run(budget_s=5)
+    assert report.inserted == 4, report
+    assert set(_rows(pg)) == {str(r) for r in first + later}
+    assert drain.reclaim().entries == 0  # a reclaim on the new group finds nothing and fails not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ def is_missing_group(exc: redis.ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
+log = logging.getLogger("afterwrite.streams")
+
+
 class Stream:
     def __init__(self, conn: redis.Redis, key: str, group: str, consumer: str) -> None:
         self.conn = conn
@@ -61,7 +65,28 @@ class Stream:
 
     def read(self, count: int, *, own_pending: bool = False) -> list[Entry]:
         """Up to ``count`` entries: new ones, or (``own_pending``) this consumer's unacknowledged
-        ones, which a failed batch of this process left behind."""
+        ones, which a failed batch of this process left behind.
+
+        A group that vanished (Redis restarted without persistence, the database was flushed,
+        or an eviction policy removed the stream) is created again, from the stream's start:
+        entries still in the stream are read once more, and the idempotent insert stores each
+        once. Pending entries died with the group; a batch in flight commits or is re-read.
+        """
+        try:
+            return self._read(count, own_pending=own_pending)
+        except redis.ResponseError as exc:
+            if not is_missing_group(exc):
+                raise
+        log.warning(
+            "the consumer group of %s was gone (Redis restarted without persistence, flushed, "
+            "or evicted it); created it again from the stream's start",
+            self.key,
+            extra={"stream": self.key},
+        )
+        self.ensure_group()
+        return self._read(count, own_pending=own_pending)
+
+    def _read(self, count: int, *, own_pending: bool) -> list[Entry]:
         if own_pending:
             return self._own_pending(count)
         reply: Any = self.conn.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=count)
@@ -103,10 +128,16 @@ class Stream:
 
     def pending_idle(self, min_idle_ms: int, count: int) -> list[PendingEntry]:
         """Entries pending longer than ``min_idle_ms`` with any consumer, oldest first.
-        Reading them does not count as a delivery."""
-        rows: Any = self.conn.xpending_range(
-            self.key, self.group, min="-", max="+", count=count, idle=min_idle_ms
-        )
+        Reading them does not count as a delivery. None when the group is gone (the next
+        read creates it again)."""
+        try:
+            rows: Any = self.conn.xpending_range(
+                self.key, self.group, min="-", max="+", count=count, idle=min_idle_ms
+            )
+        except redis.ResponseError as exc:
+            if is_missing_group(exc):
+                return []
+            raise
         return [
             PendingEntry(
                 id=r["message_id"].decode(),
