@@ -15,9 +15,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from afterwrite.core.errors import ConfigurationError, Error, PoisonError, TransientError
+from afterwrite.core.errors import (
+    ConfigurationError,
+    Error,
+    PoisonError,
+    SettingsError,
+    TransientError,
+)
 
 if TYPE_CHECKING:
+    from afterwrite.core.kinds import UnknownKindError
     from afterwrite.producer.aio import AsyncClient
     from afterwrite.producer.client import Client
     from afterwrite.producer.records import Outcome, ProducerStats, Receipt
@@ -31,6 +38,7 @@ _LAZY = {
     "Outcome": "afterwrite.producer.records",
     "ProducerStats": "afterwrite.producer.records",
     "Receipt": "afterwrite.producer.records",
+    "UnknownKindError": "afterwrite.core.kinds",
 }
 
 __all__ = [
@@ -44,7 +52,9 @@ __all__ = [
     "PoisonError",
     "ProducerStats",
     "Receipt",
+    "SettingsError",
     "TransientError",
+    "UnknownKindError",
 ]
 
 

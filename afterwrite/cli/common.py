@@ -6,12 +6,15 @@ Imported by each command module; imports none of them, so the command modules fo
 from __future__ import annotations
 
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
 
-from afterwrite.core.settings import Settings, SettingsError, load_settings
+from afterwrite.core.errors import SettingsError
+
+if TYPE_CHECKING:  # pydantic loads only when a command reads its settings: --help stays quick
+    from afterwrite.core.settings import Settings
 
 console = Console()
 
@@ -25,6 +28,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def cli_settings(**overrides: Any) -> Settings:
     """Settings for a command, with the application's own kinds (AFTERWRITE_IMPORTS) loaded."""
     from afterwrite.core.kinds import import_kind_modules
+    from afterwrite.core.settings import load_settings
 
     try:
         settings = load_settings(**overrides)

@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from afterwrite.cli.common import cli_settings, console, db, fail
@@ -19,7 +21,10 @@ from afterwrite.cli.index import index, search
 from afterwrite.cli.observe import health, metrics_server
 from afterwrite.cli.stats import stats_cmd
 from afterwrite.cli.transfer import export_cmd, import_cmd
-from afterwrite.core.settings import SettingsError
+from afterwrite.core.errors import SettingsError
+
+if TYPE_CHECKING:
+    from afterwrite.core.settings import Settings
 
 
 def _celery(argv: list[str]) -> None:
@@ -57,6 +62,24 @@ def migrate(revision: str) -> None:
     except SettingsError as exc:
         fail(str(exc))
     click.echo(f"database at revision {revision}")
+    _clear_problems(settings)
+
+
+def _clear_problems(settings: Settings) -> None:
+    """After a migration, workers stopped by a configuration error try again at once."""
+    if not settings.redis_url:
+        return
+    import redis
+
+    from afterwrite.worker import problems
+
+    try:
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        with r:
+            if problems.clear(r, settings.stream_prefix):
+                click.echo("cleared the workers' configuration problems; they retry now")
+    except redis.RedisError as exc:
+        click.echo(f"could not clear the workers' problems in Redis ({exc})", err=True)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -136,6 +159,16 @@ def status(as_json: bool) -> None:
     for kind, reasons in report.dead_letters.items():
         for reason, n in reasons.items():
             dead.add_row(kind, reason, f"{n:,}")
+    if report.problems:
+        stopped = Table(
+            title="stopped by a configuration error (fix, then `afterwrite migrate` or wait)"
+        )
+        for col in ("task", "error", "since", "failures", "retry in"):
+            stopped.add_column(col)
+        for p in report.problems:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.since))
+            stopped.add_row(p.task, escape(p.error), since, str(p.failures), f"{p.retry_in_s:.0f}s")
+        console.print(stopped)
     console.print(streams, tables, dead, *status_tables(report))
 
 

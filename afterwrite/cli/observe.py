@@ -25,7 +25,10 @@ import click
 from rich.table import Table
 
 from afterwrite.cli.common import cli_settings, fail
-from afterwrite.core.settings import Settings, SettingsError
+from afterwrite.core.errors import SettingsError
+
+if TYPE_CHECKING:
+    from afterwrite.core.settings import Settings
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

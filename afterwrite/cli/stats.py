@@ -93,7 +93,7 @@ def stats_cmd(
     """
     import psycopg
 
-    from afterwrite.core.settings import SettingsError
+    from afterwrite.core.errors import SettingsError
     from afterwrite.worker.operations.usage import usage
 
     now = datetime.now(UTC)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 from rich.console import Console
@@ -32,7 +32,10 @@ from rich.progress import (
 from rich.text import Text
 
 from afterwrite.cli.common import cli_settings, fail
-from afterwrite.core.settings import Settings, SettingsError
+from afterwrite.core.errors import SettingsError
+
+if TYPE_CHECKING:
+    from afterwrite.core.settings import Settings
 
 
 class _RowRate(ProgressColumn):

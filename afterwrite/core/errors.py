@@ -22,6 +22,13 @@ class ConfigurationError(Error):
     """Wrong settings, schema, credentials or deployment: fix the setup; retrying cannot help."""
 
 
+class SettingsError(ConfigurationError, ValueError):
+    """A setting is missing, malformed, or unknown. The message names the variable.
+
+    Defined here, not with the settings, so that code which only catches it (the CLI) does
+    not load pydantic to start."""
+
+
 class TransientError(Error):
     """A service is unavailable or overloaded for now: retry later, with backoff."""
 
@@ -39,4 +46,4 @@ class PoisonError(Error):
         self.detail = detail or code
 
 
-__all__ = ["ConfigurationError", "Error", "PoisonError", "TransientError"]
+__all__ = ["ConfigurationError", "Error", "PoisonError", "SettingsError", "TransientError"]

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from afterwrite.core.errors import SettingsError
+
 ENV_PREFIX = "AFTERWRITE_"
 
 # Variables that belong to the tooling around afterwrite rather than to the settings object.
@@ -36,10 +38,6 @@ _NOT_SETTINGS = frozenset(
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
-
-
-class SettingsError(ValueError):
-    """A setting is missing, malformed, or unknown. The message names the variable."""
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from afterwrite.core.errors import PoisonError
+
 PAYLOAD_FIELD = b"p"
 
 
@@ -28,8 +30,11 @@ _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _decoder = msgspec.msgpack.Decoder()
 
 
-class EncodeError(ValueError):
+class EncodeError(PoisonError, ValueError):
     """The record cannot be encoded (an unsupported type, a lone surrogate in a string, …)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("unencodable", detail)
 
 
 def encode(record: Any) -> bytes:

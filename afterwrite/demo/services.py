@@ -33,6 +33,8 @@ import psycopg
 import redis
 from psycopg import sql
 
+from afterwrite.core.errors import ConfigurationError
+
 DATABASE = "afterwrite"
 PG_SUPERUSER = "postgres"
 MIN_REDIS = (6, 2)  # XAUTOCLAIM
@@ -59,7 +61,7 @@ class PrivateEndpoints:
     redis_url: str | None
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ConfigurationError, RuntimeError):
     """A server could not be found, started or reached; the message says which binary and log."""
 
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from afterwrite.core.errors import ConfigurationError, Error, TransientError
+
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings
 
@@ -57,16 +59,16 @@ class EmbedResult:
     """429 responses seen."""
 
 
-class ProviderError(Exception):
-    """Base of the embedding provider errors."""
+class ProviderError(Error):
+    """Base of the embedding provider errors (each subclass says what a failure means)."""
 
 
-class TransientProviderError(ProviderError):
+class TransientProviderError(ProviderError, TransientError):
     """Retries exhausted on 429 / 5xx / timeouts / connection errors (or a malformed
     response): nothing of the batch is returned; write nothing and retry it later."""
 
 
-class ProviderConfigError(ProviderError):
+class ProviderConfigError(ProviderError, ConfigurationError):
     """Wrong key, model, endpoint, file or missing package: retrying cannot help."""
 
 

@@ -40,6 +40,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from afterwrite.core.collections import MAX_DOC_ID_CHARS, check_collection
+from afterwrite.core.errors import PoisonError
 from afterwrite.models.base import Base
 from afterwrite.models.registry import register_kind
 
@@ -51,10 +52,8 @@ MAX_EMBED_TEXT_CHARS = 200_000
 embedding_seq = Sequence(SEQ_NAME, metadata=Base.metadata)
 
 
-class InvalidJob(ValueError):
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
+class InvalidJob(PoisonError, ValueError):
+    """An embedding job that can never be carried out (dead-lettered with ``code``)."""
 
 
 def validate_job(payload: dict[str, Any]) -> None:

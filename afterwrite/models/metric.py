@@ -29,6 +29,7 @@ from sqlalchemy import BigInteger, DateTime, Double, Index, Integer, String, Uui
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
+from afterwrite.core.errors import PoisonError
 from afterwrite.core.sketch import LN_GAMMA, MIN_INDEXABLE
 from afterwrite.models.base import Base
 from afterwrite.models.registry import register_kind
@@ -46,12 +47,8 @@ MAX_TAGS_BYTES = 1024
 index row must stay well under PostgreSQL's ~2.7 kB limit."""
 
 
-class MetricError(ValueError):
+class MetricError(PoisonError, ValueError):
     """A metric record that can never be stored (dead-lettered with ``code``)."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
 
 
 def validate_metric(payload: dict[str, Any]) -> None:

@@ -28,6 +28,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from afterwrite.core.errors import PoisonError
+
 MAGIC = b"AWSPILL1"
 HEADER = struct.Struct("<8sQI12x")
 HEADER_SIZE = HEADER.size  # 32
@@ -41,8 +43,11 @@ MAX_BODY = 64 * 1024 * 1024
 _KIND = re.compile(rb"[a-z][a-z0-9_]{0,47}")
 
 
-class HeaderError(ValueError):
+class HeaderError(PoisonError, ValueError):
     """Not a spill segment (wrong magic or too short)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("not_a_segment", detail)
 
 
 def header(progress: int = HEADER_SIZE) -> bytes:

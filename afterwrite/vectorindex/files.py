@@ -41,6 +41,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from afterwrite.core.errors import TransientError
+
 MANIFEST = "manifest.json"
 DOCS_MAGIC = b"AWDOCS1\n"
 DELTA_MAGIC = b"AWDELTA1"
@@ -51,8 +53,10 @@ WRITE_CHUNK_BYTES = 8 << 20
 WriteProgress = Callable[[int, int], None]
 
 
-class IndexFileError(ValueError):
-    """A published file is missing, truncated, corrupt or inconsistent with its manifest."""
+class IndexFileError(TransientError, ValueError):
+    """A published file is missing, truncated, corrupt or inconsistent with its manifest.
+
+    Transient for a reader: it keeps the version it has, and the next publish replaces the file."""
 
 
 def index_file(version: int) -> str:

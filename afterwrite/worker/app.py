@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 from celery import Celery, signals
 
 from afterwrite.core import logs
+from afterwrite.core.errors import SettingsError
 from afterwrite.core.kinds import import_kind_modules
-from afterwrite.core.settings import Settings, SettingsError, load_settings
+from afterwrite.core.settings import Settings, load_settings
 from afterwrite.models.registry import kinds
 from afterwrite.worker import shutdown
 from afterwrite.worker.embedding.stage import embed_time_limit_s

@@ -1,4 +1,9 @@
-"""What a failure means, as a value: retry it, dead-letter it, or stop and fix the setup."""
+"""What a failure means, as a value: retry it, dead-letter it, or stop and fix the setup.
+
+:func:`classify` reads afterwrite's own bases first (:mod:`afterwrite.core.errors`), then one
+table for the exceptions of the libraries underneath: PostgreSQL SQLSTATEs and redis errors.
+Anything else is transient: retrying an unknown failure with backoff loses nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,10 @@ import enum
 import psycopg
 import redis
 
-from afterwrite.core.kinds import UnknownKindError
+from afterwrite.core.errors import ConfigurationError, PoisonError, TransientError
 
 
-class BadDeployError(RuntimeError):
+class BadDeployError(ConfigurationError, RuntimeError):
     """Nearly a whole batch is invalid: a configuration problem, not poison data."""
 
 
@@ -31,12 +36,31 @@ _POISON_STATES = frozenset({"54000", "P0001"})
 # 3F invalid schema name, 28 invalid authorization: the setup is wrong.
 _CONFIG_CLASSES = frozenset({"42", "3F", "28"})
 
+# redis errors, most specific first (several are subclasses of ResponseError or ConnectionError).
+# A replica promoted after a failover answers READONLY until the client reconnects, TRYAGAIN
+# during a slot migration, LOADING while it reads its dataset, OOM until memory frees: all pass.
+# A wrong password or a missing ACL permission does not; nor does any other error reply
+# (WRONGTYPE: a key of ours holds something else).
+_REDIS_TABLE: tuple[tuple[type[BaseException], Failure], ...] = (
+    (redis.exceptions.ReadOnlyError, Failure.TRANSIENT),
+    (redis.exceptions.TryAgainError, Failure.TRANSIENT),
+    (redis.exceptions.BusyLoadingError, Failure.TRANSIENT),
+    (redis.exceptions.OutOfMemoryError, Failure.TRANSIENT),
+    (redis.exceptions.ClusterDownError, Failure.TRANSIENT),
+    (redis.exceptions.AuthenticationError, Failure.CONFIGURATION),
+    (redis.exceptions.AuthorizationError, Failure.CONFIGURATION),
+    (redis.exceptions.NoPermissionError, Failure.CONFIGURATION),
+    (redis.exceptions.ResponseError, Failure.CONFIGURATION),
+)
+
 
 def classify(exc: BaseException) -> Failure:
-    from afterwrite.embedders.providers import ProviderConfigError
-
-    if isinstance(exc, UnknownKindError | BadDeployError | ProviderConfigError):
+    if isinstance(exc, ConfigurationError):
         return Failure.CONFIGURATION
+    if isinstance(exc, PoisonError):
+        return Failure.POISON
+    if isinstance(exc, TransientError):
+        return Failure.TRANSIENT
     if isinstance(exc, psycopg.Error):
         state = exc.sqlstate or ""
         if state[:2] in _POISON_CLASSES or state in _POISON_STATES:
@@ -44,6 +68,7 @@ def classify(exc: BaseException) -> Failure:
         if state[:2] in _CONFIG_CLASSES:
             return Failure.CONFIGURATION
         return Failure.TRANSIENT
-    if isinstance(exc, redis.AuthenticationError | redis.ResponseError):
-        return Failure.CONFIGURATION
+    for kind, failure in _REDIS_TABLE:
+        if isinstance(exc, kind):
+            return failure
     return Failure.TRANSIENT

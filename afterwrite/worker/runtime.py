@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -101,6 +102,18 @@ class Runtime:
         delay = compute_backoff_s(backoff.failures, max_backoff_s=cap_s)
         backoff.until = time.monotonic() + delay
         return delay
+
+    def stopped(self, which: str, pause_s: Callable[[int], float]) -> float:
+        """Pause ``which`` after a configuration error: ``pause_s(failures in a row)``."""
+        backoff = self._backoff_of(which)
+        backoff.failures += 1
+        delay = pause_s(backoff.failures)
+        backoff.until = time.monotonic() + delay
+        return delay
+
+    def failures(self, which: str) -> int:
+        """Failures of ``which`` in a row (0 after a success)."""
+        return self._backoff_of(which).failures
 
     def succeeded(self, which: str = "store") -> None:
         self._backoffs[which] = _Backoff()

@@ -6,15 +6,18 @@ duration, lag), which Flower shows with the task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import redis
 
+from afterwrite.core import kinds as kind_names
 from afterwrite.core import logs
 from afterwrite.models.registry import kinds
-from afterwrite.worker import slots
+from afterwrite.worker import problems, slots
 from afterwrite.worker.app import (
     DRAIN_TASK,
     EMBED_TASK,
@@ -27,7 +30,7 @@ from afterwrite.worker.app import (
 from afterwrite.worker.embedding.stage import embed_time_limit_s
 from afterwrite.worker.errors import Failure, classify
 from afterwrite.worker.operations.retention import run_retention
-from afterwrite.worker.runtime import Runtime
+from afterwrite.worker.runtime import Runtime, consumer_name
 
 log = logging.getLogger("afterwrite.tasks")
 
@@ -38,6 +41,54 @@ def _runtime() -> Runtime:
     return runtime
 
 
+def _task(action: str, kind: str) -> str:
+    """The task's name for its pause and its problem record. Kind names sent by a stranger to
+    the broker share one, so they cannot grow either."""
+    if kind != "*" and not kind_names.is_known(kind):
+        kind = "(unknown kind)"
+    return problems.task_id(action, kind)
+
+
+def _still_stopped(rt: Runtime, task: str) -> bool:
+    """A paused task tries again at once when its problem was cleared (``afterwrite migrate``,
+    or another worker's success); with Redis away it stays paused."""
+    try:
+        return problems.is_reported(rt.redis, rt.settings.stream_prefix, task)
+    except redis.RedisError:
+        return True
+
+
+def _kind_blocked(rt: Runtime, kind: str) -> bool:
+    try:
+        return problems.blocks_kind(problems.read(rt.redis, rt.settings.stream_prefix), kind)
+    except redis.RedisError:
+        return False  # the reclaim itself will meet the same error, as a transient one
+
+
+def _stop(rt: Runtime, kind: str, action: str, failure: Failure, exc: Exception) -> float:
+    """Pause this task for a growing while, record the problem where ``health`` and
+    ``status`` see it, and log it loudly once (later repeats of the same error at DEBUG)."""
+    task = _task(action, kind)
+    delay = rt.stopped(f"config:{task}", problems.pause_s)
+    try:
+        news = problems.report(
+            rt.redis, rt.settings.stream_prefix, task, exc, consumer_name(), delay
+        )
+    except redis.RedisError:
+        news = True
+    log.log(
+        logging.ERROR if news else logging.DEBUG,
+        "%s of %s stopped (%s): %s; fix the setup (afterwrite status shows it); retry in %.0fs",
+        action,
+        kind,
+        failure.value,
+        logs.mask(str(exc)),
+        delay,
+        extra={"action": action, "kind": kind, "failure": failure.value},
+    )
+    return delay
+
+
 def _guarded(
     kind: str,
     action: str,
@@ -45,28 +96,36 @@ def _guarded(
     *,
     backoff: str = "store",
 ) -> dict[str, Any]:
+    """Run one task's ``work`` with the failure policy of afterwrite.worker.errors.
+
+    Transient failures back off (``backoff`` names the shared pause: drains and reclaims share
+    one, the embedder and the index tasks have their own). Configuration failures stop the task
+    for a growing pause (afterwrite.worker.problems); the first one raises, so Celery and
+    Flower show it failed, and repeats return quietly.
+    """
     rt = _runtime()
-    stuck = f"config:{action}:{kind}"  # this task's own pause after a configuration failure
-    wait_s = max(rt.backing_off(backoff), rt.backing_off(stuck))
+    task = _task(action, kind)
+    stuck = f"config:{task}"
+    if rt.backing_off(stuck) > 0 and _still_stopped(rt, task):
+        return {"kind": kind, "skipped": "stopped by a configuration error (afterwrite status)"}
+    wait_s = rt.backing_off(backoff)
     if wait_s > 0:
         return {"kind": kind, "skipped": f"backing off {wait_s:.1f}s after a failure"}
+    if action == "reclaim" and _kind_blocked(rt, kind):
+        # Claiming would count a delivery against entries that only wait for a fix.
+        return {"kind": kind, "skipped": "a configuration problem stops this kind"}
     try:
         result: dict[str, Any] = work(rt)
     except Exception as exc:
         failure = classify(exc)
+        # Flower shows these results: no connection string or key in them
+        error = logs.mask(f"{type(exc).__name__}: {exc}")
         if failure is not Failure.TRANSIENT:
-            # Not retried at once either: the next kicks (every second) would repeat the same
-            # error (and, for a provider, the same refused request) until someone fixes it.
-            rt.failed(stuck)
-            log.error(
-                "%s of %s failed (%s): %s",
-                action,
-                kind,
-                failure.value,
-                exc,
-                extra={"action": action, "kind": kind, "failure": failure.value},
-            )
-            raise
+            first = rt.failures(stuck) == 0
+            delay = _stop(rt, kind, action, failure, exc)
+            if first:
+                raise
+            return {"kind": kind, "error": error, "stopped": failure.value, "retry_in_s": delay}
         delay = rt.failed(backoff)
         log.warning(
             "%s of %s failed (%s: %s); entries stay pending; retrying in %.1fs",
@@ -77,14 +136,16 @@ def _guarded(
             delay,
             extra={"action": action, "kind": kind, "failure": "transient"},
         )
-        # Flower shows this result: no connection string or key in it
-        error = logs.mask(f"{type(exc).__name__}: {exc}")
         return {"kind": kind, "error": error, "retry_in_s": delay}
+    if rt.failures(stuck):
+        rt.succeeded(stuck)
+        with contextlib.suppress(redis.RedisError):
+            problems.clear(rt.redis, rt.settings.stream_prefix, task)
+        log.info("%s of %s works again", action, kind, extra={"action": action, "kind": kind})
     # Only a committed batch shows that Redis and PostgreSQL both work again: a reclaim that
     # found nothing idle, or a drain with nothing to do, must not reset the backoff.
     if result.get("batches", 0) > 0:
         rt.succeeded(backoff)
-        rt.succeeded(stuck)
     return result
 
 
@@ -146,16 +207,22 @@ def embed() -> dict[str, Any]:
 
 
 @app.task(name=INDEX_REBUILD_TASK, soft_time_limit=900, time_limit=960)
-def index_rebuild() -> list[dict[str, Any]]:
+def index_rebuild() -> dict[str, Any]:
     """Rebuild and publish the index of every collection that changed since its last build."""
     from afterwrite.worker.index.jobs import rebuild_changed
 
-    return rebuild_changed(_runtime().settings)
+    def work(rt: Runtime) -> dict[str, Any]:
+        return {"kind": "*", "collections": rebuild_changed(rt.settings)}
+
+    return _guarded("*", "index_rebuild", work, backoff="index")
 
 
 @app.task(name=INDEX_REFRESH_TASK)
-def index_refresh() -> list[dict[str, Any]]:
+def index_refresh() -> dict[str, Any]:
     """Publish what changed since each collection's last build (searchable within seconds)."""
     from afterwrite.worker.index.jobs import refresh_deltas
 
-    return refresh_deltas(_runtime().settings)
+    def work(rt: Runtime) -> dict[str, Any]:
+        return {"kind": "*", "collections": refresh_deltas(rt.settings)}
+
+    return _guarded("*", "index_refresh", work, backoff="index")

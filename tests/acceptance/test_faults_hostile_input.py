@@ -114,7 +114,7 @@ def test_pickle_message_is_refused_and_sql_kind_names_touch_nothing(
         finally:
             sender.close()
         for kind in HOSTILE_KINDS:
-            pattern = r"(drain|reclaim) of " + re.escape(kind) + r" failed .*unknown record kind"
+            pattern = r"(drain|reclaim) of " + re.escape(kind) + r" stopped .*unknown record kind"
 
             def failed(pattern: str = pattern) -> list[str]:
                 return log_lines(worker.log, pattern)

@@ -65,4 +65,5 @@ def test_health_passes_with_a_worker_and_fails_without(
         "postgres": True,
         "worker": False,
         "backlog": True,
+        "problems": True,
     }

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from afterwrite.core.settings import Settings, SettingsError, load_settings
+from afterwrite.core.errors import SettingsError
+from afterwrite.core.settings import Settings, load_settings
 from afterwrite.models.registry import Kind, kinds
 from afterwrite.worker.app import celery_config, check_kind_settings
 from afterwrite.worker.operations.retention import (

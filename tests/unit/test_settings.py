@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from afterwrite.core.settings import SettingsError, load_settings
+from afterwrite.core.errors import SettingsError
+from afterwrite.core.settings import load_settings
 
 
 def test_defaults_are_valid_and_urls_optional() -> None:

@@ -21,13 +21,15 @@ from typing import Any
 
 import psycopg
 
+from afterwrite.core.errors import TransientError
+
 LOCK_CLASS = 0x4157_4958  # "AWIX"
 BUILD = "build"
 DELTA = "delta"
 
 
-class LockBusy(RuntimeError):
-    """Another process holds the lock."""
+class LockBusy(TransientError, RuntimeError):
+    """Another process holds the lock: try again when it is done."""
 
 
 def lock_key(purpose: str, collection: str) -> int:

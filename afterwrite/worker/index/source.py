@@ -20,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
+from afterwrite.core.errors import TransientError
+
 COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _HEADER_FIXED = len(COPY_SIGNATURE) + 8  # flags (int32) + header extension length (int32)
 PARSE_BYTES = 4 << 20
@@ -28,8 +30,9 @@ Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: stage ``read``, ``build``, ``write``, ``check``."""
 
 
-class SourceError(RuntimeError):
-    """The rows cannot be read as one consistent set of vectors."""
+class SourceError(TransientError, RuntimeError):
+    """The rows cannot be read as one consistent set of vectors this time; the next rebuild
+    reads them again."""
 
 
 @dataclass(frozen=True)

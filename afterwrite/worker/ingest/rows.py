@@ -21,6 +21,8 @@ from typing import Any
 import msgspec
 from sqlalchemy import Column, Table, types
 
+from afterwrite.core.errors import PoisonError
+
 MAX_TEXT_CHARS = 1_000_000
 """Default limit for unbounded text columns; override per column with ``info={"max_chars": n}``."""
 MAX_JSON_BYTES = 1_000_000
@@ -36,13 +38,8 @@ _INT_RANGES = {
 _json_encode = msgspec.json.Encoder().encode
 
 
-class Invalid(ValueError):
+class Invalid(PoisonError, ValueError):
     """A payload that can never be stored as it is. ``code`` is stable; ``detail`` is for people."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 Converter = Callable[[Any], Any]

@@ -160,6 +160,27 @@ def check_backlog(settings: Settings, max_age_s: float, timeout_s: float) -> Che
     return _timed("backlog", probe)
 
 
+def check_problems(settings: Settings, timeout_s: float) -> Check:
+    """Fails while a worker task is stopped by a configuration error (worker.problems)."""
+    import redis
+
+    from afterwrite.worker import problems
+
+    def probe() -> str:
+        r = redis.Redis.from_url(
+            settings.require_redis_url(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        try:
+            found = problems.read(r, settings.stream_prefix)
+        finally:
+            r.close()
+        if found:
+            raise RuntimeError("; ".join(f"{p.task} stopped: {p.error}" for p in found))
+        return "no task stopped by a configuration error"
+
+    return _timed("problems", probe)
+
+
 def run_health(
     settings: Settings,
     *,
@@ -177,6 +198,8 @@ def run_health(
             checks.append(_skipped("worker", "Redis (the broker) is unreachable"))
     if redis_ok:
         checks.append(check_backlog(settings, max_backlog_age_s, timeout_s))
+        checks.append(check_problems(settings, timeout_s))
     else:
         checks.append(_skipped("backlog", "Redis is unreachable"))
+        checks.append(_skipped("problems", "Redis is unreachable"))
     return HealthReport(checks)

@@ -19,13 +19,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from afterwrite.core.errors import ConfigurationError
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind
 
 log = logging.getLogger("afterwrite.retention")
 
 
-class RetentionConfigError(ValueError):
+class RetentionConfigError(ConfigurationError, ValueError):
     """Retention is configured for a kind whose table has no ``created_at`` column."""
 
 

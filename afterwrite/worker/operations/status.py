@@ -22,7 +22,9 @@ from afterwrite.core import wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.embedding import EMBED_KIND
 from afterwrite.models.registry import kinds
+from afterwrite.worker import problems
 from afterwrite.worker.operations.freshness import Distribution, collect_freshness
+from afterwrite.worker.problems import Problem
 
 EXACT_COUNT_LIMIT = 1_000_000
 """Tables estimated above this many rows are reported from statistics, not ``count(*)``."""
@@ -95,6 +97,8 @@ class Status:
     freshness: list[Distribution] = field(default_factory=list)
     embeddings: EmbeddingStatus | None = None
     indexes: list[IndexStatus] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    """Tasks stopped by a configuration error (afterwrite.worker.problems)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,6 +254,7 @@ def collect(settings: Settings) -> Status:
     r = redis.Redis.from_url(settings.require_redis_url(), socket_timeout=5)
     try:
         streams = [stream_status(r, settings, k.name) for k in kinds]
+        stopped = problems.read(r, settings.stream_prefix)
         with psycopg.connect(settings.require_database_url(), autocommit=True) as conn:
             tables = [table_status(conn, k.name, k.table.name) for k in kinds]
             dead = dead_letter_counts(conn)
@@ -258,4 +263,4 @@ def collect(settings: Settings) -> Status:
             indexes = index_status(settings, conn)
     finally:
         r.close()
-    return Status(streams, tables, dead, freshness, embeddings, indexes)
+    return Status(streams, tables, dead, freshness, embeddings, indexes, stopped)

@@ -41,6 +41,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Column, Table, types
 
+from afterwrite.core.errors import ConfigurationError, PoisonError
 from afterwrite.models.registry import Kind, kinds
 from afterwrite.worker.ingest.batch_writer import Rejection, write_batch
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -58,7 +59,7 @@ _decode_raw = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
-class TransferError(ValueError):
+class TransferError(ConfigurationError, ValueError):
     """A request that cannot be carried out as asked (no time column, a value JSON cannot hold,
     a connection inside a transaction). Nothing was written for the failing part."""
 
@@ -72,7 +73,7 @@ class ImportAborted(TransferError):
 Convert = Callable[[Any], Any]
 
 
-class Unrepresentable(ValueError):
+class Unrepresentable(PoisonError, ValueError):
     """A stored value with no JSON form (NaN, ±Infinity): refused rather than changed."""
 
 
@@ -84,14 +85,14 @@ def iso_utc(v: datetime) -> str:
 
 def _finite(v: float) -> float:
     if not math.isfinite(v):
-        raise Unrepresentable(f"{v} has no JSON form")
+        raise Unrepresentable("unrepresentable", f"{v} has no JSON form")
     return v
 
 
 def _raw(text: str) -> msgspec.Raw:
     """PostgreSQL's text of a JSON or numeric value, written as it is (a numeric may be NaN)."""
     if text in {"NaN", "Infinity", "-Infinity"}:
-        raise Unrepresentable(f"{text} has no JSON form")
+        raise Unrepresentable("unrepresentable", f"{text} has no JSON form")
     return msgspec.Raw(text.encode())
 
 
