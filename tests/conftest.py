@@ -6,7 +6,7 @@ instances started under a temporary directory (system binaries, or the ``embedde
 ``AFTERWRITE_TEST_SERVICES=private`` forces the latter, as on a fresh machine.
 On PostgreSQL a fresh database ``afterwrite_test_<pid>`` is created and migrated for the
 session (dropped at its end); each test starts with empty tables and an empty Redis database
-(number 2-15, chosen by pid).
+(number 2-11, chosen by pid, or ``AFTERWRITE_TEST_REDIS_DB``).
 ``AFTERWRITE_*`` variables of the developer's shell are ignored: tests never touch a
 configured deployment.
 """
@@ -34,7 +34,9 @@ TEST_DATABASE = f"afterwrite_test_{os.getpid()}"
 # The worked example of a team's own kind is registered in every test session, as an
 # application would with AFTERWRITE_IMPORTS, and its revision applied with afterwrite's.
 EXAMPLE_MIGRATIONS = Path(__file__).resolve().parent.parent / "examples/agent_steps/migrations"
-TEST_REDIS_DB = 2 + os.getpid() % 14
+# Redis database 2-11 by pid; 12-15 are left for sessions that must never meet another one
+# (AFTERWRITE_TEST_REDIS_DB=12 ./dev test, e.g. two checkouts testing side by side).
+TEST_REDIS_DB = int(os.environ.get("AFTERWRITE_TEST_REDIS_DB", 2 + os.getpid() % 10))
 
 
 def _with_db(url: str, db: int) -> str:
