@@ -134,8 +134,12 @@ class Settings(BaseSettings):
     max_deliveries: Annotated[int, Field(gt=0, le=1000)] = 5
     """An entry delivered more often than this is dead-lettered instead of retried."""
     dlq_guard_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
-    """A batch in which at least this share of entries is invalid is not dead-lettered: the
-    drain stops loudly instead, because that means a bad deploy, not bad data."""
+    """A batch in which at least this share of entries does not fit the table (unknown or
+    missing fields, undecodable) is not dead-lettered: the drain stops loudly instead, because
+    that means a bad deploy, not bad data. Bad content never trips it."""
+    max_future_skew_s: PositiveFloat = 86_400.0
+    """A ``created_at`` later than now plus this is dead-lettered (``in_the_future``): a year
+    9999 would never expire."""
     dlq_guard_min_entries: PositiveInt = 100
     """The guard only judges batches of at least this many entries."""
     imports: tuple[str, ...] = ()

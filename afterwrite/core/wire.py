@@ -8,6 +8,7 @@ The entry id Redis assigns carries the enqueue time in milliseconds, so lag need
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import msgspec
@@ -41,8 +42,49 @@ def encode(record: Any) -> bytes:
     """A record (a dict of column → value, or a msgspec Struct) as an entry's payload."""
     try:
         return _encoder.encode(record)
-    except (TypeError, ValueError, UnicodeEncodeError, OverflowError) as exc:
-        raise EncodeError(str(exc)) from exc
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # RecursionError: nested ~1,000 deep (or a cycle); never into the caller's handler
+        raise EncodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# A record that cannot be encoded still travels, as this msgpack extension type holding the
+# reason and a printable rendering of what was given, so the worker can dead-letter it: a
+# caller who does not read receipts still finds it in ``afterwrite dlq list``. No normal
+# payload is an extension type at its top level.
+UNENCODABLE_EXT = 1
+MAX_UNENCODABLE_CHARS = 64 * 1024
+_render = reprlib.Repr()  # keyword arguments need Python 3.12
+_render.maxlevel = 32
+_render.maxdict = _render.maxlist = _render.maxtuple = 256
+_render.maxstring = 16_384
+_render.maxother = 4096
+
+
+def unencodable(record: Any, reason: str) -> bytes:
+    """The payload standing in for ``record``, which :func:`encode` refused for ``reason``."""
+    if isinstance(record, msgspec.Struct):
+        record = msgspec.structs.asdict(record)
+    try:
+        text = _render.repr(record)
+    except Exception as exc:
+        text = f"<not representable: {type(exc).__name__}>"
+    # lone surrogates (the usual reason) are escaped by repr; anything else left is replaced
+    text = text[:MAX_UNENCODABLE_CHARS].encode("utf-8", "backslashreplace").decode()
+    body = _encoder.encode({"reason": reason[:1000], "record": text})
+    return _encoder.encode(msgspec.msgpack.Ext(UNENCODABLE_EXT, body))
+
+
+def unencodable_content(payload: Any) -> dict[str, str] | None:
+    """``{"reason", "record"}`` when a decoded payload is an :func:`unencodable` stand-in."""
+    if isinstance(payload, msgspec.msgpack.Ext) and payload.code == UNENCODABLE_EXT:
+        try:
+            content = _decoder.decode(payload.data)
+        except msgspec.DecodeError:
+            return {"reason": "unencodable", "record": ""}
+        if isinstance(content, dict):
+            return {"reason": str(content.get("reason")), "record": str(content.get("record"))}
+        return {"reason": "unencodable", "record": ""}
+    return None
 
 
 def decode(payload: bytes) -> Any:

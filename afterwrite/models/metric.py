@@ -151,7 +151,7 @@ class MetricPoint(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), info={"not_future": True})
     """When the measurement was taken (client clock; ``ts`` of ``record_metric``)."""
     name: Mapped[str] = mapped_column(String(MAX_NAME_CHARS))
     tags: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))

@@ -37,24 +37,26 @@ class QueryHistory(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    """When the request happened (client clock)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), info={"not_future": True})
+    """When the request happened (client clock; at most AFTERWRITE_MAX_FUTURE_SKEW_S ahead)."""
     user_id: Mapped[str | None] = mapped_column(String(256))
     session_id: Mapped[str | None] = mapped_column(String(256))
     """Session or conversation id."""
     query: Mapped[str] = mapped_column(Text)
     mode: Mapped[str | None] = mapped_column(String(64))
     """Request mode: e.g. ``chat``, ``rag``, ``agent``, ``compare``."""
-    model_ids: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    model_ids: Mapped[list[str]] = mapped_column(
+        JSONB, server_default=text("'[]'::jsonb"), info={"items": "str"}
+    )
     response: Mapped[str | None] = mapped_column(Text)
-    response_time_ms: Mapped[float | None] = mapped_column(Double)
-    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
-    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    response_time_ms: Mapped[float | None] = mapped_column(Double, info={"min": 0})
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, info={"min": 0})
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, info={"min": 0})
     retrieval: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     """Retrieval metadata, e.g. ``{"chunks": [...], "top_k": 5}``."""
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     """Free metadata. (``metadata`` is reserved by SQLAlchemy, hence the attribute name.)"""
     ingested_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
+        DateTime(timezone=True), server_default=func.now(), info={"server_owned": True}
     )
     """When afterwrite committed the row; ``ingested_at - created_at`` is the write-behind lag."""

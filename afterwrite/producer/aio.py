@@ -105,7 +105,9 @@ class AsyncClient(RecordMethods[Coroutine[Any, Any, Receipt]]):
     async def _record(self, kind: str, event_id: str, record: Any) -> Receipt:
         try:
             entry = wire.encode(record)
-        except wire.EncodeError:
+        except wire.EncodeError as exc:
+            # the stand-in carries it to the dead letters; the caller's receipt says invalid
+            await self._send(kind, wire.unencodable(record, exc.detail))
             outcome = Outcome.INVALID
         else:
             outcome = await self._send(kind, entry)

@@ -143,7 +143,8 @@ class Client(RecordMethods[Receipt]):
     def _record(self, kind: str, event_id: str, record: Any) -> Receipt:
         try:
             entry = wire.encode(record)
-        except wire.EncodeError:
+        except wire.EncodeError as exc:
+            self._send_stand_in(kind, wire.unencodable(record, exc.detail))
             outcome = Outcome.INVALID
         else:
             buffer = self._buffer
@@ -157,6 +158,15 @@ class Client(RecordMethods[Receipt]):
                     return _buffered(event_id)
         self.stats.count(outcome)
         return RECEIPT_TYPES[outcome](event_id)
+
+    def _send_stand_in(self, kind: str, entry: bytes) -> None:
+        """Send the stand-in of a record that could not be encoded the way any entry goes, so
+        the worker dead-letters it with its reason and content (see wire.unencodable)."""
+        buffer = self._buffer
+        if buffer is None or self._closed:
+            self._send(kind, entry)
+        elif not (self._pump.running and buffer.put((kind, entry))):
+            self._enqueue(buffer, kind, entry)
 
     def _enqueue(self, buffer: Buffer, kind: str, entry: bytes) -> Outcome:
         """The hot path's slow side: the thread is not running (first use after a fork), so

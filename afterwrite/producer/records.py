@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -190,6 +190,17 @@ class QueryRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: Mapping[str, Any] | None = None
 
 
+def _ids(model_ids: Any) -> list[str]:
+    """A sequence of model ids as a list. A string or a mapping is a mistake at the call, not
+    data: ``list("gpt-4o")`` would store six one-letter models, ``list({...})`` the keys."""
+    if isinstance(model_ids, str | bytes | Mapping) or not isinstance(model_ids, Iterable):
+        raise TypeError(
+            f'model_ids must be a sequence of strings (e.g. ["gpt-4o"]), '
+            f"not {type(model_ids).__name__}"
+        )
+    return list(model_ids)
+
+
 def query_record(
     query: str,
     *,
@@ -215,7 +226,7 @@ def query_record(
         user_id=user_id,
         session_id=session_id,
         mode=mode,
-        model_ids=model_ids if model_ids is None or type(model_ids) is list else list(model_ids),
+        model_ids=model_ids if model_ids is None or type(model_ids) is list else _ids(model_ids),
         response_time_ms=response_time_ms,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,

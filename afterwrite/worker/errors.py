@@ -12,7 +12,7 @@ import enum
 import psycopg
 import redis
 
-from afterwrite.core.errors import ConfigurationError, PoisonError, TransientError
+from afterwrite.core.errors import ConfigurationError, Error, PoisonError, TransientError
 
 
 class BadDeployError(ConfigurationError, RuntimeError):
@@ -72,3 +72,11 @@ def classify(exc: BaseException) -> Failure:
         if isinstance(exc, kind):
             return failure
     return Failure.TRANSIENT
+
+
+def is_explained(exc: BaseException) -> bool:
+    """Whether ``exc`` says what failed: afterwrite's own errors, a database's, Redis's, the
+    operating system's. Anything else (a RecursionError, a TypeError from deep inside a
+    library) is tied to some entry's content, and the drain bisects its batch to find it
+    rather than retry the whole batch forever."""
+    return isinstance(exc, Error | psycopg.Error | redis.RedisError | OSError)

@@ -98,12 +98,15 @@ def _guarded(
 ) -> dict[str, Any]:
     """Run one task's ``work`` with the failure policy of afterwrite.worker.errors.
 
-    Transient failures back off (``backoff`` names the shared pause: drains and reclaims share
-    one, the embedder and the index tasks have their own). Configuration failures stop the task
-    for a growing pause (afterwrite.worker.problems); the first one raises, so Celery and
+    Transient failures back off (``backoff`` names the pause: a kind's drains and reclaims
+    share one, the embedder and the index tasks have their own). Configuration failures stop
+    the task for a growing pause (afterwrite.worker.problems); the first one raises, so Celery and
     Flower show it failed, and repeats return quietly.
     """
     rt = _runtime()
+    if backoff == "store":
+        # per kind: one kind's trouble (a full table, a poison batch) must not pause the others
+        backoff = f"store:{kind}"
     task = _task(action, kind)
     stuck = f"config:{task}"
     if rt.backing_off(stuck) > 0 and _still_stopped(rt, task):

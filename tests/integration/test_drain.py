@@ -182,15 +182,13 @@ def test_database_rejection_is_bisected_to_the_culprit(
     client: Client, runtime: Runtime, pg: psycopg.Connection[Any]
 ) -> None:
     # A constraint the validator does not know about: only PostgreSQL can reject this row.
-    pg.execute(
-        "ALTER TABLE query_history ADD CONSTRAINT test_no_negative CHECK (prompt_tokens >= 0)"
-    )
+    pg.execute("ALTER TABLE query_history ADD CONSTRAINT test_no_seven CHECK (prompt_tokens <> 7)")
     try:
-        ids = [client.record_query(f"q{i}", prompt_tokens=i) for i in range(100)]
-        culprit = client.record_query("bad", prompt_tokens=-1)
+        ids = [client.record_query(f"q{i}", prompt_tokens=100 + i) for i in range(100)]
+        culprit = client.record_query("bad", prompt_tokens=7)
         report = runtime.drain("query").run(budget_s=5)
     finally:
-        pg.execute("ALTER TABLE query_history DROP CONSTRAINT test_no_negative")
+        pg.execute("ALTER TABLE query_history DROP CONSTRAINT test_no_seven")
     assert (report.inserted, report.dead_lettered) == (100, 1)
     assert sorted(_rows(pg)) == sorted(ids)
     dead = pg.execute("SELECT event_id, reason, error_code FROM dead_letters").fetchall()

@@ -104,13 +104,14 @@ def edge_records() -> list[dict[str, Any]]:
             "id": uuid7_str(),
             "created_at": datetime(1, 1, 1, tzinfo=UTC),
             "query": "int limits",
-            "prompt_tokens": 2**31 - 1,
-            "completion_tokens": -(2**31),
+            "prompt_tokens": 2**31 - 1,  # counts are never negative (a domain rule)
+            "completion_tokens": 0,
         },
         {
             "id": uuid7_str(),
-            "created_at": datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-            "query": "far future",
+            # the latest a created_at may be: now plus AFTERWRITE_MAX_FUTURE_SKEW_S
+            "created_at": datetime.now(UTC).replace(microsecond=999999) + timedelta(hours=23),
+            "query": "future",
         },
     ]
 

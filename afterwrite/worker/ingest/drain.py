@@ -22,7 +22,7 @@ import msgspec
 from afterwrite.core import wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind
-from afterwrite.worker.errors import BadDeployError
+from afterwrite.worker.errors import BadDeployError, is_explained
 from afterwrite.worker.ingest.batch_writer import Rejection, write_batch
 from afterwrite.worker.ingest.database import Database
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -106,7 +106,7 @@ class KindDrain:
         self.stream = stream
         self.db = db
         self.settings = settings
-        self.codec = RowCodec(kind.table)
+        self.codec = RowCodec(kind.table, max_future_skew_s=settings.max_future_skew_s)
         self.sql: KindSql = kind_sql(kind.table, self.codec.columns)
         self._id_index = self.codec.columns.index("id")
         self._clock = clock
@@ -115,7 +115,53 @@ class KindDrain:
 
     # -- one batch --------------------------------------------------------------------------
     def process(self, entries: Sequence[Entry]) -> BatchReport:
-        """Validate, write and commit ``entries``, then acknowledge them all. See module doc."""
+        """Validate, write and commit ``entries``, then acknowledge them all. See module doc.
+
+        A failure that names neither a service nor the setup (``errors.is_explained``: an
+        exception from deep inside a library, tied to some entry's content) is not retried
+        whole, forever: the batch is bisected until the entry that fails alone is found, and
+        that entry is dead-lettered (``unprocessable``) while the others commit.
+        """
+        try:
+            return self._process(entries)
+        except Exception as exc:
+            if is_explained(exc):
+                raise
+            if len(entries) == 1:
+                return self._dead_letter_alone(entries[0], exc)
+            log.warning(
+                "batch of %d %s entries failed (%s: %s); bisecting it",
+                len(entries),
+                self.kind.name,
+                type(exc).__name__,
+                str(exc)[:200],
+                extra={"action": "bisect", "kind": self.kind.name},
+            )
+        middle = len(entries) // 2
+        first = self.process(entries[:middle])
+        second = self.process(entries[middle:])
+        return _merged(first, second)
+
+    def _dead_letter_alone(self, entry: Entry, exc: BaseException) -> BatchReport:
+        detail = f"{type(exc).__name__}: {str(exc)[:500]}"
+        dead = [self._dead(entry, _decoded(entry), "unprocessable", detail, reason="invalid")]
+        conn = self.db.connection(self.sql)
+        try:
+            write_batch(conn, self.sql, [], dead, lambda _: [])
+        except Exception:
+            self.db.discard_if_broken()
+            raise
+        self.stream.ack([entry.id])
+        log.warning(
+            "dead-lettered %s entry %s: %s",
+            self.kind.name,
+            entry.id,
+            detail,
+            extra={"action": "dead_letter", "kind": self.kind.name},
+        )
+        return BatchReport(self.kind.name, 1, 0, 0, 1, True, 0.0, self._lag_s([entry]))
+
+    def _process(self, entries: Sequence[Entry]) -> BatchReport:
         started = self._clock()
         rows: list[tuple[Any, ...]] = []
         row_entries: list[Entry] = []
@@ -123,26 +169,11 @@ class KindDrain:
         seen: dict[str, bytes | None] = {}
         duplicates = 0
         for entry in entries:
-            payload: Any = None
-            try:
-                if entry.payload is None:
-                    raise Invalid("no_payload", f"entry has no {wire.PAYLOAD_FIELD!r} field")
-                try:
-                    payload = wire.decode(entry.payload)
-                except msgspec.DecodeError as exc:
-                    raise Invalid("undecodable", f"not a msgpack record: {exc}") from None
-                if entry.deliveries > self.settings.max_deliveries:
-                    raise Invalid(
-                        "too_many_deliveries",
-                        f"delivered {entry.deliveries} times without being stored "
-                        f"(limit {self.settings.max_deliveries}); it may crash its consumer",
-                    )
-                row = self.codec.row(payload)
-                if self.kind.validate is not None:
-                    self._run_validator(payload)
-            except Invalid as exc:
-                dead.append(self._dead(entry, payload, exc.code, exc.detail, reason="invalid"))
+            checked = self._check(entry)
+            if isinstance(checked, DeadEntry):
+                dead.append(checked)
                 continue
+            payload, row = checked
             row_id = row[self._id_index]
             if row_id in seen:
                 if seen[row_id] != entry.payload:
@@ -162,7 +193,7 @@ class KindDrain:
             rows.append(row)
             row_entries.append(entry)
 
-        self._guard(len(entries), len(dead))
+        self._guard(entries, dead)
 
         def reject(rejections: Sequence[Rejection]) -> list[DeadEntry]:
             return [
@@ -207,6 +238,40 @@ class KindDrain:
             extra={"action": "batch", **report.__dict__},
         )
         return report
+
+    def _check(self, entry: Entry) -> tuple[Any, tuple[Any, ...]] | DeadEntry:
+        """The entry's decoded payload and row, or its dead letter. Never raises for content."""
+        payload: Any = None
+        try:
+            if entry.payload is None:
+                raise Invalid("no_payload", f"entry has no {wire.PAYLOAD_FIELD!r} field")
+            try:
+                payload = wire.decode(entry.payload)
+            except msgspec.DecodeError as exc:
+                raise Invalid("undecodable", f"not a msgpack record: {exc}") from None
+            except RecursionError:
+                raise Invalid("too_deep", "nested too deep to decode") from None
+            stand_in = wire.unencodable_content(payload)
+            if stand_in is not None:
+                payload = stand_in
+                raise Invalid(
+                    "unencodable", f"the producer could not encode it: {stand_in['reason']}"
+                )
+            if entry.deliveries > self.settings.max_deliveries:
+                raise Invalid(
+                    "too_many_deliveries",
+                    f"delivered {entry.deliveries} times without being stored "
+                    f"(limit {self.settings.max_deliveries}); it may crash its consumer",
+                )
+            row = self.codec.row(payload)
+            if self.kind.validate is not None:
+                self._run_validator(payload)
+        except Invalid as exc:
+            return self._dead(entry, payload, exc.code, exc.detail, reason="invalid")
+        except Exception as exc:
+            detail = f"{type(exc).__name__}: {str(exc)[:500]}"
+            return self._dead(entry, None, "unprocessable", detail, reason="invalid")
+        return payload, row
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, budget_s: float) -> DrainReport:
@@ -273,18 +338,59 @@ class KindDrain:
         except ValueError as exc:
             raise Invalid(str(getattr(exc, "code", "rejected_by_validator")), str(exc)) from None
 
-    def _guard(self, entries: int, invalid: int) -> None:
-        """Arroyo's DlqLimit idea: when (nearly) every entry of a sizeable batch is invalid,
-        the producer or the schema is wrong (a bad deploy), and dead-lettering everything would
-        only hide it. Stop instead, committing and acknowledging nothing."""
+    def _guard(self, entries: Sequence[Entry], dead: Sequence[DeadEntry]) -> None:
+        """Arroyo's DlqLimit idea: when (nearly) every entry of a sizeable batch does not fit
+        the table's shape, the producer or the schema is wrong (a bad deploy), and
+        dead-lettering everything would only hide it. Stop instead, committing and
+        acknowledging nothing.
+
+        Only the shape counts (:data:`STRUCTURAL`: undecodable, unknown or missing fields):
+        bad content (a NUL byte, a size, a number out of range) is one record's problem, and
+        end users who send it must not be able to stop a stream. And the guard clears itself
+        once valid entries flow: when the stream's newest entries fit the shape, the deploy
+        was fixed, and what is left of the bad one is dead-lettered (replayable).
+        """
         s = self.settings
-        if entries >= s.dlq_guard_min_entries and invalid >= s.dlq_guard_ratio * entries:
-            raise BadDeployError(
-                f"{invalid} of {entries} entries of kind {self.kind.name!r} are invalid "
-                f"(guard: {s.dlq_guard_ratio:.0%} of batches >= {s.dlq_guard_min_entries}); "
-                "not dead-lettering them: check the producers' version and the schema. "
-                "Entries stay in the stream."
+        n = len(entries)
+        structural = sum(1 for d in dead if d.error_code in STRUCTURAL)
+        if n < s.dlq_guard_min_entries or structural < s.dlq_guard_ratio * n:
+            return
+        if self._newest_fit():
+            log.warning(
+                "%d of %d %s entries do not fit the table, but the newest entries do: "
+                "dead-lettering them (afterwrite dlq list --kind %s)",
+                structural,
+                n,
+                self.kind.name,
+                self.kind.name,
+                extra={"action": "guard_cleared", "kind": self.kind.name},
             )
+            return
+        raise BadDeployError(
+            f"{structural} of {n} entries of kind {self.kind.name!r} do not fit the table "
+            f"(unknown or missing fields, undecodable; guard: {s.dlq_guard_ratio:.0%} of "
+            f"batches >= {s.dlq_guard_min_entries}): check the producers' version against "
+            "the workers' and run afterwrite migrate. Entries stay in the stream; the guard "
+            "clears itself once newer entries fit."
+        )
+
+    def _newest_fit(self) -> bool:
+        """Whether most of the stream's newest entries fit the table's shape."""
+        newest = self.stream.newest(self.settings.dlq_guard_min_entries)
+        if not newest:
+            return False
+        fit = 0
+        for entry in newest:
+            try:
+                payload = wire.decode(entry.payload) if entry.payload is not None else None
+                self.codec.row(payload)
+            except Invalid as exc:
+                fit += exc.code not in STRUCTURAL
+            except Exception:
+                fit += 1
+            else:
+                fit += 1
+        return fit > len(newest) / 2
 
     def _dead(
         self, entry: Entry, payload: Any, code: str, detail: str, *, reason: str
@@ -307,8 +413,26 @@ class KindDrain:
         return max(0.0, self._wall() - oldest_ms / 1000)
 
 
+# Dead-letter codes that say an entry does not fit the table's shape at all (the guard's
+# business), as opposed to bad content in a field that exists.
+STRUCTURAL = frozenset({"no_payload", "undecodable", "not_a_map", "unknown_field", "missing_field"})
+
+
 def _decoded(entry: Entry) -> Any:
     try:
         return wire.decode(entry.payload) if entry.payload is not None else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
+
+
+def _merged(a: BatchReport, b: BatchReport) -> BatchReport:
+    return BatchReport(
+        kind=a.kind,
+        entries=a.entries + b.entries,
+        inserted=a.inserted + b.inserted,
+        duplicates=a.duplicates + b.duplicates,
+        dead_lettered=a.dead_lettered + b.dead_lettered,
+        bisected=True,
+        duration_s=a.duration_s + b.duration_s,
+        lag_s=max((x for x in (a.lag_s, b.lag_s) if x is not None), default=None),
+    )

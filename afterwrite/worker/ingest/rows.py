@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +56,13 @@ class _Field:
 class RowCodec:
     """Validates payloads for one table. Immutable and cheap to share."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(
+        self, table: Table, *, max_future_skew_s: float = 86_400.0, restoring: bool = False
+    ) -> None:
+        """``restoring``: rows of an export coming back (``afterwrite import``), whose
+        server-owned columns (``ingested_at``) hold what the server set the first time."""
         self.table = table
-        self._fields = tuple(_field(c) for c in table.columns)
+        self._fields = tuple(_field(c, max_future_skew_s, restoring) for c in table.columns)
         self._known = frozenset(f.name for f in self._fields)
         self.columns: tuple[str, ...] = tuple(f.name for f in self._fields)
 
@@ -83,9 +88,72 @@ class RowCodec:
         return tuple(out)
 
 
-def _field(column: Column[Any]) -> _Field:
+def _field(column: Column[Any], max_future_skew_s: float, restoring: bool) -> _Field:
     required = not column.nullable and column.server_default is None
-    return _Field(column.name, _converter(column), required)
+    convert = _with_rules(column, _converter(column), max_future_skew_s, restoring)
+    return _Field(column.name, convert, required)
+
+
+def _with_rules(
+    column: Column[Any], convert: Converter, max_future_skew_s: float, restoring: bool
+) -> Converter:
+    """The column's domain rules from its ``info`` (declared on the model, beside the type):
+
+    - ``server_owned``: set by the database (``ingested_at``); a client's value is refused
+      (unless ``restoring`` an export);
+    - ``min``: a number at least this (token counts, durations);
+    - ``not_future``: a timestamp no later than now plus ``AFTERWRITE_MAX_FUTURE_SKEW_S``;
+    - ``items: "str"``: a JSON array of strings (``model_ids``).
+    """
+    info = column.info
+    name = column.name
+    if info.get("server_owned") and not restoring:
+
+        def refuse(v: Any) -> Any:
+            raise Invalid("server_owned", f"set by the server, not by clients (got {v!r:.40})")
+
+        return refuse
+    rules: list[Converter] = []
+    if "min" in info:
+        least = info["min"]
+
+        def at_least(v: Any) -> Any:
+            if v < least:
+                raise Invalid("out_of_range", f"{v} is below {least}")
+            return v
+
+        rules.append(at_least)
+    if info.get("not_future"):
+
+        def not_future(v: datetime) -> datetime:
+            if v.timestamp() > time.time() + max_future_skew_s:
+                raise Invalid("in_the_future", f"{v.isoformat()} is later than now + "
+                              f"{max_future_skew_s:g}s (AFTERWRITE_MAX_FUTURE_SKEW_S)")  # fmt: skip
+            return v
+
+        rules.append(not_future)
+    if info.get("items") == "str":
+
+        def strings(v: Any) -> Any:
+            if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+                raise Invalid("wrong_type", f"{name}: expected an array of strings")
+            return v
+
+        return _then(strings, convert, rules)  # checked on the value, before it is JSON
+    if not rules:
+        return convert
+    return _then(convert, *rules)
+
+
+def _then(first: Converter, *more: Converter | list[Converter]) -> Converter:
+    chain = [first] + [c for m in more for c in (m if isinstance(m, list) else [m])]
+
+    def convert(v: Any) -> Any:
+        for step in chain:
+            v = step(v)
+        return v
+
+    return convert
 
 
 def _converter(column: Column[Any]) -> Converter:

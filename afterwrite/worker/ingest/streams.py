@@ -117,6 +117,11 @@ class Stream:
         deliveries = {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
         return _entries(raw, deliveries)
 
+    def newest(self, count: int) -> list[Entry]:
+        """The stream's ``count`` newest entries, whoever holds them (XREVRANGE: no delivery)."""
+        raw: Any = self.conn.xrevrange(self.key, "+", "-", count=count)
+        return _entries(raw)
+
     def ack(self, ids: Sequence[str]) -> None:
         """Acknowledge and delete ``ids`` in one round trip (only after their batch committed)."""
         if not ids:

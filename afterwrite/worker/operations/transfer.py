@@ -242,7 +242,7 @@ class LineCodec:
 
     def __init__(self, kind: Kind) -> None:
         self.kind = kind
-        self.codec = RowCodec(kind.table)
+        self.codec = RowCodec(kind.table, restoring=True)
         table = kind.table
         self._raw = tuple((i, n) for i, n in enumerate(self.codec.columns) if _is_raw(table.c[n]))
         self._binary = tuple(
