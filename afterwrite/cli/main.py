@@ -88,7 +88,10 @@ def _clear_problems(settings: Settings) -> None:
 def worker(ctx: click.Context, concurrency: int | None) -> None:
     """Start a Celery worker that drains the streams (extra args go to celery worker)."""
     settings = cli_settings()
-    settings.require_database_url()
+    try:
+        settings.require_database_url()
+    except SettingsError as exc:
+        fail(str(exc))
     argv = ["worker", "--loglevel", settings.log_level]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]

@@ -32,6 +32,7 @@ _NOT_SETTINGS = frozenset(
         "AFTERWRITE_REDIS_SERVER",  # afterwrite.demo.services: which redis-server to run
         "AFTERWRITE_TEST_DATABASE_URL",  # tests: server to create test databases on
         "AFTERWRITE_TEST_REDIS_URL",  # tests: Redis to use (a database number is flushed)
+        "AFTERWRITE_TEST_REDIS_DB",  # tests: that database number (else chosen by pid)
         "AFTERWRITE_TEST_SERVICES",  # tests: "private" starts private servers
     }
 )
@@ -68,6 +69,10 @@ class Settings(BaseSettings):
     # --- producer ---------------------------------------------------------------------------
     producer_timeout_ms: PositiveFloat = 50.0
     """Socket timeout of one producer call to Redis: the most a ``record_*`` call can block."""
+    redis_memory_high_water: Annotated[float, Field(gt=0, le=1)] = 0.8
+    """Producers stop adding (and spill) while Redis uses more than this share of its
+    ``maxmemory``, leaving the rest for the broker and consumer groups, so that the drains
+    that free memory keep running. Checked with the stream cap, not per call."""
     producer_cap_check_interval_s: PositiveFloat = 1.0
     """How often a producer re-reads the stream length to enforce ``stream_max_entries``."""
     producer_mode: str = "direct"

@@ -37,6 +37,8 @@ from afterwrite.producer.sender import (
     accepted_prefix,
     entries_of,
     group_by_stream,
+    read_reply,
+    script_args,
     settle,
     split_by_bytes,
 )
@@ -194,13 +196,14 @@ class AsyncClient(RecordMethods[Coroutine[Any, Any, Receipt]]):
         max_entries = self._settings.stream_max_entries
         if self._use_script:
             try:
-                args: list[int | bytes] = [max_entries, *entries]
+                high_water = self._settings.redis_memory_high_water
+                args = script_args(max_entries, high_water, entries)
                 reply: Any = await (
                     self._redis.eval(BATCH_SCRIPT, 1, stream, *args)
                     if one_round_trip
                     else self._script(keys=[stream], args=args)
                 )
-                return int(reply[0]), int(reply[1])
+                return read_reply(self._gate, stream, reply)
             except redis.ResponseError as exc:
                 await self._redis.xlen(stream)  # Redis answers plain commands: no scripting
                 self._use_script = False

@@ -227,4 +227,5 @@ class Client(RecordMethods[Receipt]):
             self._gate,
             prefix=self._prefix,
             max_entries=self._settings.stream_max_entries,
+            high_water=self._settings.redis_memory_high_water,
         )

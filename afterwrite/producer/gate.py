@@ -36,6 +36,7 @@ class Gate:
         self._failing = False
         self._over_cap: set[str] = set()
         self._cap_checked_at: dict[str, float] = {}
+        self._policy = "noeviction"
 
     def admit(self, stream: str) -> tuple[Outcome | None, bool]:
         """Before a send: (outcome to report without sending, or None; whether to read XLEN too)."""
@@ -67,6 +68,23 @@ class Gate:
             self._cap_checked_at[stream] = self._clock()
             self._mark_over_cap(stream, f"at its cap of {self._max_entries}")
         return Outcome.OVER_CAP
+
+    def memory(self, stream: str, *, high: bool, policy: str) -> None:
+        """What the batch script saw of Redis memory (with each batch or cap check)."""
+        if policy != self._policy:
+            self._policy = policy
+            if policy not in ("noeviction", "unknown"):
+                log.error(
+                    "redis evicts keys (maxmemory-policy %s): under memory pressure it deletes "
+                    "whole streams and their consumer groups, records already reported as sent. "
+                    "Set maxmemory-policy noeviction (afterwrite workers refuse to start)",
+                    policy,
+                    extra={"action": "eviction_policy"},
+                )
+        if high:
+            with self._lock:
+                self._cap_checked_at[stream] = self._clock()
+                self._mark_over_cap(stream, "Redis memory above the high-water mark")
 
     def _mark_over_cap(self, stream: str, detail: str) -> None:
         if stream not in self._over_cap:

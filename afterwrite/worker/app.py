@@ -24,6 +24,7 @@ from afterwrite.core.kinds import import_kind_modules
 from afterwrite.core.settings import Settings, load_settings
 from afterwrite.models.registry import kinds
 from afterwrite.worker import shutdown
+from afterwrite.worker.broker import NAME as BROKER_TRANSPORT
 from afterwrite.worker.embedding.stage import embed_time_limit_s
 from afterwrite.worker.operations.retention import retention_days
 from afterwrite.worker.runtime import RuntimeHolder
@@ -95,9 +96,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
-        # Well above any task's duration; Celery's Redis transport redelivers unacked task
-        # messages only after this (drain kicks are not acked late, so it rarely matters).
-        "broker_transport_options": {"visibility_timeout": 3600},
+        # Every afterwrite task is a kick that beat sends again (drain this, embed that), so a
+        # message is taken once and never tracked: without ack emulation kombu keeps no
+        # unacked hash to write on receipt and delete on ack. Those writes were refused by a
+        # full Redis, and a worker whose ack failed stopped taking tasks for good (prefetch 1).
+        "broker_transport_options": {"ack_emulation": False},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -121,6 +124,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": schedule,
     }
     broker = urlsplit(settings.celery_broker_url)
+    if broker.scheme in ("redis", "rediss"):
+        # reconnect, not exit, when the broker's Redis is full or read-only (see broker.py)
+        config["broker_transport"] = BROKER_TRANSPORT
+        config["broker_connection_max_retries"] = None  # a full Redis may last: keep trying
     if broker.scheme == "rediss" and "ssl_cert_reqs" not in broker.query:
         # kombu refuses a rediss:// broker without TLS options; verify certificates by default
         # (a URL may still say ?ssl_cert_reqs=none for a self-signed development server).
@@ -150,6 +157,27 @@ def _mark_pool_child(**_: Any) -> None:
     # the child runs its first task (afterwrite.worker.tasks), because billiard replaces SIGTERM
     # handlers after this signal fires.
     app.afterwrite.pool_child = True
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _refuse_an_evicting_redis(**_: Any) -> None:
+    # SystemExit, not an exception: Celery logs and swallows exceptions of signal receivers.
+    import redis
+
+    from afterwrite.worker.redis_memory import EvictingRedisError, require_noeviction
+
+    settings = load_settings()
+    urls = {settings.require_redis_url(), settings.celery_broker_url}
+    for url in sorted(u for u in urls if u.startswith(("redis://", "rediss://", "unix://"))):
+        try:
+            with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as conn:
+                require_noeviction(conn)
+        except EvictingRedisError as exc:
+            logging.getLogger("afterwrite.worker").critical("%s", exc)
+            raise SystemExit(f"afterwrite: {exc}") from None
+        except (redis.RedisError, OSError):
+            pass  # unreachable for now: Celery retries the connection and says so
 
 
 @signals.worker_shutting_down.connect

@@ -32,11 +32,27 @@ class Slot:
         self.release()
 
 
+class _Unlimited(Slot):
+    """Held while Redis is out of memory: nothing to release."""
+
+    def release(self) -> None:
+        pass
+
+
 def acquire(conn: redis.Redis, name: str, limit: int, ttl_ms: int) -> Slot | None:
-    """One of ``limit`` slots of ``name`` for at most ``ttl_ms``, or None if all are taken."""
+    """One of ``limit`` slots of ``name`` for at most ``ttl_ms``, or None if all are taken.
+
+    A Redis out of memory refuses the SET that takes a slot; the caller gets a slot anyway.
+    The work slots guard (draining) is what frees that memory, and reads, acknowledgements and
+    deletions are still allowed: refusing it would deadlock the pipeline on a full Redis.
+    """
     token = secrets.token_hex(8)
     for i in range(limit):
         key = f"{name}:{i}"
-        if conn.set(key, token, nx=True, px=ttl_ms):
+        try:
+            taken = conn.set(key, token, nx=True, px=ttl_ms)
+        except redis.exceptions.OutOfMemoryError:
+            return _Unlimited(conn, key, token)
+        if taken:
             return Slot(conn, key, token)
     return None

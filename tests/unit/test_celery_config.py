@@ -17,8 +17,9 @@ def test_json_only_and_a_schedule_per_kind() -> None:
     assert schedule["reclaim:query"]["task"] == RECLAIM_TASK
     assert config["broker_url"] == "redis://cache:6379/0"
     assert "broker_use_ssl" not in config
-    # task time limits stay far below the broker's visibility timeout
-    assert config["task_time_limit"] < config["broker_transport_options"]["visibility_timeout"]
+    # kicks are taken once, not tracked: nothing for a full Redis to refuse on receipt or ack
+    assert config["broker_transport_options"]["ack_emulation"] is False
+    assert config["broker_transport"] == "afterwrite.worker.broker:Transport"
 
 
 def test_tls_broker_verifies_certificates() -> None:

@@ -68,15 +68,19 @@ def _skipped(name: str, why: str) -> Check:
 def check_redis(settings: Settings, timeout_s: float) -> Check:
     import redis
 
+    from afterwrite.worker.redis_memory import require_noeviction
+
     def probe() -> str:
         r = redis.Redis.from_url(
             settings.require_redis_url(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         try:
             r.ping()
+            found = require_noeviction(r)
         finally:
             r.close()
-        return "PING answered"
+        share = "" if found.used_share is None else f", {found.used_share:.0%} of maxmemory used"
+        return f"PING answered (maxmemory-policy {found.policy}{share})"
 
     return _timed("redis", probe)
 
