@@ -286,7 +286,7 @@ def dlq_replay(
     verb = "would replay" if dry_run else "replayed"
     click.echo(
         f"{verb} {report.replayed}; still invalid {report.still_invalid}; "
-        f"unknown kind {report.unknown_kind}"
+        f"unknown kind {report.unknown_kind}; capped {report.capped} (cannot be replayed)"
     )
     for p in report.problems:
         click.echo(f"  #{p['id']}: {p['why']}")
