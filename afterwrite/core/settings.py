@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     dead_letter_max_payload_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 64 * 1024
     """A dead letter stores at most this many bytes of its payload (the head), with the whole
     payload's length and sha256; such an entry cannot be replayed."""
+    import_max_line_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 << 20
+    """``afterwrite import``: a longer line is dead-lettered (``line_too_long``) unread. The
+    default holds any row the drain accepts (1M-character texts, 1 MB JSON columns)."""
 
     # --- retention --------------------------------------------------------------------------
     retention_days: dict[str, int] = Field(default_factory=dict)
