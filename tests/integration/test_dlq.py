@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import redis
 from click.testing import CliRunner
+from rich.console import Console
 
 from afterwrite.cli.main import main
 from afterwrite.core import wire
@@ -192,6 +193,34 @@ def test_dead_letters_are_stored_whole_below_the_cap(pg: psycopg.Connection[Any]
     assert bytes(rows[1][1]) == hashlib.sha256(b"abcdefghijk").digest()
     assert rows[1][2]["afterwrite_truncated"]["bytes"] == 11
     assert dead_letters.is_capped(bytes(rows[1][0]), bytes(rows[1][1]))
+
+
+def test_list_prints_hostile_stored_text_as_text(
+    env: None,
+    settings: Settings,
+    rdb: redis.Redis,
+    pg: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("afterwrite.cli.main.console", Console(width=300))  # no wrapping
+    key = wire.stream_key(settings.stream_prefix, "query")
+    now = datetime.now(UTC)
+    for field in ("[/oops]", "[link=https://evil.example]x[/link]", "\x1b[2J\x1b]8;;u\x07"):
+        record = {"id": str(uuid.uuid4()), "created_at": now, "query": "q", field: 1}
+        rdb.xadd(key, {wire.PAYLOAD_FIELD: wire.encode(record)})
+    rt = Runtime(settings)
+    try:
+        assert rt.drain("query").run(budget_s=5).dead_lettered == 3
+    finally:
+        rt.close()
+    out = _invoke("dlq", "list").output  # "[/oops]" raised rich's MarkupError
+    assert "[/oops]" in out
+    assert "[link=https://evil.example]" in out
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert "\\x1b[2J" in out  # shown, not sent
+    for (dead_id,) in pg.execute("SELECT id FROM dead_letters").fetchall():
+        assert "\x1b" not in _invoke("dlq", "show", str(dead_id)).output
 
 
 def test_purge_asks_before_deleting(
