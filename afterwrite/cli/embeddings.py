@@ -7,7 +7,7 @@ import json
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from afterwrite.cli.common import cli_settings, console, db, fail
+from afterwrite.cli.common import cli_settings, console, db, fail, printable, safe
 
 
 @click.group("embeddings")
@@ -64,12 +64,12 @@ def reembed_cmd(collection: str, as_json: bool) -> None:
     else:
         console.print(
             f"{report.reembedded:,} of {report.remaining_before:,} documents re-embedded with "
-            f"{report.model} ({report.cache_hits:,} from the cache, "
+            f"{safe(report.model)} ({report.cache_hits:,} from the cache, "
             f"{report.requests:,} provider requests)"
         )
     if report.failed:
         for doc_id, why in sorted(report.failed.items())[:20]:
-            click.echo(f"  not re-embedded: {doc_id}: {why}", err=True)
+            click.echo(f"  not re-embedded: {printable(doc_id)}: {printable(why)}", err=True)
         fail(
             f"{len(report.failed)} document(s) keep their old model; the index is not rebuilt "
             "until they are re-embedded or deleted",

@@ -12,7 +12,7 @@ import click
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, console, fail
+from afterwrite.cli.common import cli_settings, console, fail, safe
 
 _STAGES = {"read": "reading vectors", "build": "building", "check": "recall check",
            "write": "writing"}  # fmt: skip
@@ -45,11 +45,11 @@ def index_status(collection: str | None, as_json: bool) -> None:
         m = r["manifest"] or {}
         recall = m.get("recall_at_10")
         table.add_row(
-            r["collection"],
-            str(m.get("version", "-")) + (" (pinned)" if m.get("pinned") else ""),
+            safe(r["collection"]),
+            safe(m.get("version", "-")) + (" (pinned)" if m.get("pinned") else ""),
             f"{m['vector_count']:,}" if m else "-",
-            m.get("index_type", r["manifest_error"] or "-"),
-            m.get("model", "-"),
+            safe(m.get("index_type", r["manifest_error"] or "-")),
+            safe(m.get("model", "-")),
             "-" if recall is None else f"{recall:.3f}",
             _ago(m.get("built_at")),
             ",".join(map(str, r["versions"])),
@@ -58,15 +58,15 @@ def index_status(collection: str | None, as_json: bool) -> None:
         )
     console.print(table)
     if collection and rows:
-        builds = Table(title=f"recent builds of {collection}")
+        builds = Table(title=f"recent builds of {safe(collection)}")
         for col in ("version", "status", "vectors", "type", "read s", "build s", "write s",
                     "recall", "detail"):  # fmt: skip
             builds.add_column(col)
         for b in rows[0]["recent_builds"]:
             builds.add_row(
-                str(b["version"] or "-"), b["status"], str(b["vector_count"] or "-"),
-                b["index_type"] or "-", _s(b["read_s"]), _s(b["build_s"]), _s(b["write_s"]),
-                _s(b["recall_at_10"]), (b["detail"] or "")[:60],
+                str(b["version"] or "-"), safe(b["status"]), str(b["vector_count"] or "-"),
+                safe(b["index_type"] or "-"), _s(b["read_s"]), _s(b["build_s"]),
+                _s(b["write_s"]), _s(b["recall_at_10"]), safe((b["detail"] or "")[:60]),
             )  # fmt: skip
         console.print(builds)
 
@@ -113,12 +113,12 @@ def index_rebuild(collection: str, force: bool, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2, default=str))
         return
     if report.get("skipped"):
-        console.print(f"[yellow]{collection}: not published[/]: {report['why']}")
+        console.print(f"[yellow]{safe(collection)}: not published[/]: {safe(report['why'])}")
         raise SystemExit(1 if report.get("status") == "rejected" else 0)
     t = report["timings"]
     console.print(
-        f"{collection}: v{report['version']} published, {report['vector_count']:,} vectors, "
-        f"{report['index_type']}, recall@10 {report['recall_at_10']:.3f}; "
+        f"{safe(collection)}: v{report['version']} published, {report['vector_count']:,} vectors, "
+        f"{safe(report['index_type'])}, recall@10 {report['recall_at_10']:.3f}; "
         f"read {t['read_s']:.2f}s, build {t['build_s']:.2f}s, write {t['write_s']:.2f}s"
     )
 
@@ -135,7 +135,7 @@ def index_rollback(collection: str, to_version: int | None) -> None:
         manifest = jobs.rollback(cli_settings(), collection, to_version)
     except (ValueError, IndexFileError) as exc:
         fail(str(exc), code=1)
-    console.print(f"{collection}: v{manifest['version']} published again (pinned)")
+    console.print(f"{safe(collection)}: v{manifest['version']} published again (pinned)")
 
 
 @click.command("search")
@@ -156,10 +156,10 @@ def search(collection: str, query: str, k: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"version": reader.version, "hits": hits}))
         return
-    table = Table(title=f"{collection} v{reader.version}: {query!r}")
+    table = Table(title=f"{safe(collection)} v{reader.version}: {safe(repr(query))}")
     table.add_column("#", justify="right")
     table.add_column("doc_id")
     table.add_column("score", justify="right")
     for i, (doc, score) in enumerate(hits, 1):
-        table.add_row(str(i), doc, f"{score:.4f}")
+        table.add_row(str(i), safe(doc), f"{score:.4f}")
     console.print(table)

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, console, db, fail
+from afterwrite.cli.common import cli_settings, console, db, fail, printable, printable_json, safe
 from afterwrite.cli.embeddings import embeddings_cmd
 from afterwrite.cli.index import index, search
 from afterwrite.cli.observe import health, metrics_server
@@ -148,20 +147,20 @@ def status(as_json: bool) -> None:
         streams.add_column(col, justify="right" if col != "kind" else "left")
     for s in report.streams:
         age = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f}s"
-        streams.add_row(s.kind, str(s.length), str(s.pending), str(s.consumers), age)
+        streams.add_row(safe(s.kind), str(s.length), str(s.pending), str(s.consumers), age)
     tables = Table(title="tables")
     tables.add_column("kind")
     tables.add_column("table")
     tables.add_column("rows", justify="right")
     for t in report.tables:
-        tables.add_row(t.kind, t.table, f"{'~' if t.estimated else ''}{t.rows:,}")
+        tables.add_row(safe(t.kind), safe(t.table), f"{'~' if t.estimated else ''}{t.rows:,}")
     dead = Table(title="dead letters")
     dead.add_column("kind")
     dead.add_column("reason")
     dead.add_column("count", justify="right")
     for kind, reasons in report.dead_letters.items():
         for reason, n in reasons.items():
-            dead.add_row(kind, reason, f"{n:,}")
+            dead.add_row(safe(kind), safe(reason), f"{n:,}")
     if report.problems:
         stopped = Table(
             title="stopped by a configuration error (fix, then `afterwrite migrate` or wait)"
@@ -170,7 +169,9 @@ def status(as_json: bool) -> None:
             stopped.add_column(col)
         for p in report.problems:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.since))
-            stopped.add_row(p.task, escape(p.error), since, str(p.failures), f"{p.retry_in_s:.0f}s")
+            stopped.add_row(
+                safe(p.task), safe(p.error), since, str(p.failures), f"{p.retry_in_s:.0f}s"
+            )
         console.print(stopped)
     console.print(streams, tables, dead, *status_tables(report))
 
@@ -241,12 +242,12 @@ def dlq_list(
     for r in rows:
         table.add_row(
             str(r["id"]),
-            r["kind"],
-            r["reason"],
-            r["error_code"] or "",
+            safe(r["kind"]),
+            safe(r["reason"]),
+            safe(r["error_code"] or ""),
             str(r["delivery_count"]),
             r["last_seen_at"].isoformat(timespec="seconds"),
-            (r["detail"] or "")[:80],
+            safe((r["detail"] or "")[:80]),
         )
     console.print(table)
 
@@ -261,7 +262,7 @@ def dlq_show(dead_id: int) -> None:
         row = store.show(conn, dead_id)
     if row is None:
         fail(f"no dead letter with id {dead_id}", code=1)
-    click.echo(json.dumps(row, default=str, indent=2, ensure_ascii=False))
+    click.echo(printable_json(json.dumps(row, default=str, indent=2, ensure_ascii=False)))
 
 
 @dlq.command("replay")
@@ -289,10 +290,10 @@ def dlq_replay(
     verb = "would replay" if dry_run else "replayed"
     click.echo(
         f"{verb} {report.replayed}; still invalid {report.still_invalid}; "
-        f"unknown kind {report.unknown_kind}"
+        f"unknown kind {report.unknown_kind}; capped {report.capped} (cannot be replayed)"
     )
     for p in report.problems:
-        click.echo(f"  #{p['id']}: {p['why']}")
+        click.echo(f"  #{p['id']}: {printable(p['why'])}")
 
 
 @dlq.command("purge")

@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import click
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, fail
+from afterwrite.cli.common import cli_settings, fail, printable, safe
 from afterwrite.core.errors import SettingsError
 
 if TYPE_CHECKING:
@@ -169,7 +169,8 @@ def health(as_json: bool, max_backlog_age_s: float, timeout_s: float, no_worker:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         for c in report.checks:
-            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<9} {c.detail} ({c.duration_s:.3f}s)")
+            detail = printable(c.detail)
+            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<9} {detail} ({c.duration_s:.3f}s)")
     sys.exit(EXIT_HEALTHY if report.ok else EXIT_UNHEALTHY)
 
 
@@ -186,8 +187,8 @@ def status_tables(report: Status) -> list[Table]:
     for d in report.freshness:
         waiting = "-" if d.stage != "embedded_to_searchable" else str(d.waiting)
         fresh.add_row(
-            d.stage,
-            d.scope,
+            safe(d.stage),
+            safe(d.scope),
             f"{d.samples:,}",
             _s(d.p50_s),
             _s(d.p90_s),
@@ -205,20 +206,20 @@ def status_tables(report: Status) -> list[Table]:
         rate = "-" if e.cache_hit_rate is None else f"{e.cache_hit_rate:.1%}"
         emb.add_row("cache hit rate", rate)
         for name, value in e.counters.items():
-            emb.add_row(name, f"{value:,}")
+            emb.add_row(safe(name), f"{value:,}")
         out.append(emb)
     idx = Table(title="indexes")
     for col in ("collection", "version", "vectors", "age", "last publish", "type", "model"):
         idx.add_column(col)
     for i in report.indexes:
         idx.add_row(
-            i.collection,
+            safe(i.collection),
             "-" if i.version is None else str(i.version),
             "-" if i.vector_count is None else f"{i.vector_count:,}",
             "-" if i.age_s is None else f"{i.age_s:.0f}s",
             "-" if i.last_publish_age_s is None else f"{i.last_publish_age_s:.0f}s ago",
-            i.index_type or "-",
-            i.model or "-",
+            safe(i.index_type or "-"),
+            safe(i.model or "-"),
         )
     out.append(idx)
     return out

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, fail
+from afterwrite.cli.common import cli_settings, fail, safe
 from afterwrite.worker.operations.usage_rows import GROUP_BYS, GroupBy, UsageRow
 
 _KEY_TITLES = {"model": "model", "user": "user", "day": "day (UTC)", "mode": "mode"}
@@ -35,13 +35,13 @@ def _ms(value: float | None) -> str:
 
 
 def _table(rows: list[UsageRow], group_by: str, title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=safe(title))
     table.add_column(_KEY_TITLES[group_by])
     for col in ("calls", "avg ms", "p95 ms", "prompt tok", "completion tok", "total tok"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            "(none)" if r.key is None else r.key,
+            "(none)" if r.key is None else safe(r.key),
             f"{r.calls:,}",
             _ms(r.avg_latency_ms),
             _ms(r.p95_latency_ms),

@@ -134,24 +134,19 @@ def export_cmd(kind: str, since: str | None, until: str | None, output: Path | N
 
 @contextmanager
 def _output(path: Path | None) -> Iterator[BinaryIO]:
-    """stdout, or ``path`` written as ``path.partial`` and renamed only once complete: an
-    interrupted or failed export never leaves a truncated file under the real name."""
+    """stdout, or ``path`` written as ``path.partial`` (created private, never a file or link
+    that was already there) and renamed only once complete: an interrupted or failed export
+    never leaves a truncated file under the real name."""
+    from afterwrite.worker.operations.transfer import TransferError, exclusive_output
 
     if path is None:
         yield sys.stdout.buffer
         return
-    partial = path.with_name(path.name + ".partial")
     try:
-        f = partial.open("wb")
-    except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror}")
-    try:
-        with f:
+        with exclusive_output(path) as f:
             yield f
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
+    except TransferError as exc:
+        fail(str(exc))
 
 
 def _quiet_exit_on_closed_stdout() -> None:
@@ -161,9 +156,11 @@ def _quiet_exit_on_closed_stdout() -> None:
     sys.exit(1)
 
 
-def _lines(f: BinaryIO, counter: list[int]) -> Iterator[bytes]:
-    for line in f:
-        counter[0] += len(line)
+def _lines(f: BinaryIO, counter: list[int], max_bytes: int) -> Iterator[bytes]:
+    from afterwrite.worker.operations.transfer import LongLine, read_lines
+
+    for line in read_lines(f, max_bytes):
+        counter[0] += line.length if isinstance(line, LongLine) else len(line)
         yield line
 
 
@@ -223,12 +220,13 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
             report = import_rows(
                 conn,
                 k,
-                _lines(f, read),
+                _lines(f, read, settings.import_max_line_bytes),
                 batch_size,
                 advance,
                 source="stdin" if stdin else file.name,
                 guard_ratio=None if no_guard else settings.dlq_guard_ratio,
                 guard_min_lines=settings.dlq_guard_min_entries,
+                max_line_bytes=settings.import_max_line_bytes,
             )
         except (TransferError, psycopg.Error, OSError) as exc:
             fail(str(exc).strip(), code=1)

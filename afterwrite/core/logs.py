@@ -1,9 +1,11 @@
 """Logging: secrets masked everywhere, and an optional JSON format with an ``action`` field.
 
 Every afterwrite log call passes ``extra={"action": ...}`` (batch, redis_down, hand_back, …),
-so a JSON log line can be filtered by what happened. Passwords in URLs (``redis://:pw@``,
-``postgresql://user:pw@``) and ``password=`` pairs are masked by a filter on the handlers, so a
-driver's error message that repeats a connection string never leaks it.
+so a JSON log line can be filtered by what happened. A filter on the handlers masks secrets, so
+a driver's or provider's error message that repeats one never leaks it: passwords in URLs
+(``redis://:pw@``, ``postgresql://user:pw@``), ``password=`` pairs, quoted and JSON forms
+(``password='…'``, ``"password": "…"``), ``Authorization`` values, ``Bearer`` tokens and
+``sk-…`` API keys (as in OpenAI's "Incorrect API key provided: sk-…").
 """
 
 from __future__ import annotations
@@ -15,17 +17,40 @@ import time
 from typing import Any
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
-_KV_PASSWORD = re.compile(
-    r"(?i)(?P<key>password|passwd|pwd|secret|token|api_key)=(?P<pw>[^\s&;,]+)"
+_SECRET_NAMES = r"password|passwd|pwd|secret|token|api[_-]?key"  # noqa: S105 (key names)
+# ``password='…'``, ``password="…"``, ``"password": "…"``, ``'api_key': '…'`` (key optionally
+# quoted, ``=`` or ``:``, value quoted with backslash escapes).
+_QUOTED_PASSWORD = re.compile(
+    rf"""(?i)(?P<key>["']?[\w.-]*?(?:{_SECRET_NAMES})["']?\s*[:=]\s*)"""
+    r"""(?P<q>["'])(?:\\.|(?!(?P=q))[^\\])*(?P=q)"""
 )
+# ``password=hunter2``: an unquoted value (a quoted one is the pattern above).
+_KV_PASSWORD = re.compile(rf"(?i)(?P<key>{_SECRET_NAMES})=(?P<pw>[^\s&;,'\"][^\s&;,]*)")
+# ``Authorization: Basic dXNlcjpwdw==`` (any scheme) and ``Bearer <token>`` anywhere.
+_AUTHORIZATION = re.compile(
+    r"""(?i)(?P<key>authorization["']?\s*[:=]\s*["']?)(?:(?P<scheme>[a-z]+)\s+)?[^\s"',;]+"""
+)
+_BEARER = re.compile(r"(?i)\b(?P<scheme>bearer)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]+")
+# OpenAI-style keys (``sk-…``, ``sk-proj-…``, ``sk-ant-…``), also when partly starred out.
+_SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_*-]{6,}")
 
 # Attributes every LogRecord has; anything else came in through ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
 def mask(text: str) -> str:
+    """``text`` with every secret afterwrite recognises replaced by ``***``."""
     text = _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
-    return _KV_PASSWORD.sub(r"\g<key>=***", text)
+    text = _QUOTED_PASSWORD.sub(r"\g<key>\g<q>***\g<q>", text)
+    text = _KV_PASSWORD.sub(r"\g<key>=***", text)
+    text = _AUTHORIZATION.sub(_authorization, text)
+    text = _BEARER.sub(r"\g<scheme> ***", text)
+    return _SK_KEY.sub("sk-***", text)
+
+
+def _authorization(match: re.Match[str]) -> str:
+    scheme = match.group("scheme")
+    return match.group("key") + (f"{scheme} ***" if scheme else "***")
 
 
 class SecretFilter(logging.Filter):

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     migration_dirs: tuple[Path, ...] = ()
     """Directories of an application's own Alembic revisions (for its kinds), separated by
     ``os.pathsep`` (``:``); ``afterwrite migrate`` applies them with afterwrite's."""
+    dead_letter_max_payload_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 64 * 1024
+    """A dead letter stores at most this many bytes of its payload (the head), with the whole
+    payload's length and sha256; such an entry cannot be replayed."""
+    import_max_line_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 << 20
+    """``afterwrite import``: a longer line is dead-lettered (``line_too_long``) unread. The
+    default holds any row the drain accepts (1M-character texts, 1 MB JSON columns)."""
 
     # --- retention --------------------------------------------------------------------------
     retention_days: dict[str, int] = Field(default_factory=dict)
@@ -162,6 +168,9 @@ class Settings(BaseSettings):
     """Rows deleted per transaction: short locks, small WAL bursts."""
     retention_budget_s: PositiveFloat = 60.0
     """A retention run stops after this long; the next run continues."""
+    dead_letter_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 30
+    """Dead letters not seen again for this long are deleted, and never kept longer than
+    their kind's own retention."""
 
     # --- embeddings -------------------------------------------------------------------------
     embedding_provider: str = "auto"

@@ -5,8 +5,9 @@ delta for that version) behind one reference. Every search reads that reference 
 answer always comes from exactly one version. At most every ``check_interval_s`` a search stats
 ``manifest.json`` and the served version's ``.delta`` (two ``stat`` calls: cheap); when either
 changed, a background thread loads the new version off to the side, verifies it (sha256 of the
-exact bytes deserialised, dimension, vector count, model, metric) and swaps the reference. A
-version that fails verification is logged once and skipped; the old view keeps serving. Nothing
+exact bytes deserialised, dimension, vector count, model, metric, then one probe search) and
+swaps the reference. A delta is served only when the manifest names its sha256. A version or
+delta that fails verification is logged once and skipped; the old view keeps serving. Nothing
 blocks searches except the very first load.
 
 Safe under many threads (FAISS searches release the GIL and never mutate the index; the
@@ -17,6 +18,7 @@ per-view search parameters are read-only) and in many processes reading one dire
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -138,7 +140,7 @@ class IndexReader:
         self.check_interval_s = check_interval_s
         self._view: _View | None = None
         self._bad_manifests: set[_StatKey] = set()
-        self._bad_deltas: set[_StatKey] = set()
+        self._bad_deltas: set[tuple[_StatKey, Any]] = set()
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
@@ -240,21 +242,27 @@ class IndexReader:
         view = self._view
         loaded = view.loaded if view else None
         manifest_key = _stat(self._dir / files.MANIFEST)
+        manifest_moved = view is None or manifest_key != view.manifest_key
         changed_main = False
-        if manifest_key is not None and (view is None or manifest_key != view.manifest_key):
+        if manifest_key is not None and manifest_moved:
             new = self._load_main(manifest_key, loaded)
             if new is not None and new is not loaded:
-                loaded, changed_main = new, True
+                # the same version re-published with another delta bound keeps its index
+                changed_main = loaded is None or new.index is not loaded.index
+                loaded = new
         if loaded is None:
             return False
-        if not changed_main and view is not None and manifest_key != view.manifest_key:
-            # same version re-published, or a bad one skipped: remember the stat
-            view = _View(
-                loaded, manifest_key, view.delta, view.delta_key, view.params, view.keep_alive
-            )
-            self._view = view
         delta_key = _stat(self._dir / files.delta_file(loaded.version))
-        if not changed_main and view is not None and delta_key == view.delta_key:
+        if (
+            view is not None
+            and not changed_main
+            and delta_key == view.delta_key
+            and loaded.manifest.get("delta_sha256") == view.loaded.manifest.get("delta_sha256")
+        ):
+            if manifest_moved:  # a bad version skipped, or the same manifest re-written
+                self._view = _View(
+                    loaded, manifest_key, view.delta, delta_key, view.params, view.keep_alive
+                )
             return False
         delta = self._load_delta(delta_key, loaded, view if not changed_main else None)
         masked = delta.masked if delta is not None else np.empty(0, dtype=np.int64)
@@ -282,7 +290,10 @@ class IndexReader:
                 and manifest.get("version") == current.version
                 and manifest.get("sha256") == current.manifest.get("sha256")
             ):
-                return current
+                if manifest == current.manifest:
+                    return current
+                return dataclasses.replace(current, manifest=manifest)  # a new delta bound
+            # verified (checksums, shape, a probe search) before it can be swapped in
             return files.load_version(self._dir, manifest, collection=self.collection)
         except (files.IndexFileError, OSError, MemoryError) as exc:
             self._bad_manifests.add(key)
@@ -301,14 +312,26 @@ class IndexReader:
         kept = previous.delta if previous is not None else None
         if key is None:
             return None
-        if key in self._bad_deltas:
+        bad = (key, loaded.manifest.get("delta_sha256"))
+        if bad in self._bad_deltas:
             return kept
         try:
-            delta = files.decode_delta((self._dir / files.delta_file(loaded.version)).read_bytes())
+            raw = (self._dir / files.delta_file(loaded.version)).read_bytes()
+            try:
+                delta = files.bound_delta(raw, loaded.manifest)
+            except files.IndexFileError:
+                # the delta may have been replaced since the manifest was read, its binding
+                # not written yet: the manifest as it is now decides
+                again = files.read_manifest(self._dir) or {}
+                if again.get("version") != loaded.version or again.get("sha256") != (
+                    loaded.manifest.get("sha256")
+                ):
+                    raise
+                delta = files.bound_delta(raw, again)
         except FileNotFoundError:
             return None
         except (files.IndexFileError, OSError, ValueError) as exc:
-            self._bad_deltas.add(key)
+            self._bad_deltas.add(bad)
             log.error(
                 "index %s: rejected the delta (%s)",
                 self.collection,
@@ -316,11 +339,13 @@ class IndexReader:
                 extra={"action": "index_rejected_delta", "collection": self.collection},
             )
             return kept
+        if delta is None:
+            return None  # the manifest binds no delta (none published yet, or a rollback)
         m = loaded.manifest
         if delta.base_version != loaded.version:
             return None  # written for another version (a newer build's delta comes next)
         if delta.dim != int(m["dim"]) or delta.model != m["model"]:
-            self._bad_deltas.add(key)
+            self._bad_deltas.add(bad)
             return kept
         return delta
 

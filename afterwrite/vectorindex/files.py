@@ -17,8 +17,11 @@ Shared by the builder (writes) and ``afterwrite.IndexReader`` (reads); no databa
 
 Every file is written to a temporary name in the same directory, fsynced, ``os.replace``d into
 place and the directory fsynced, so a reader (or a crash) sees the old file or the new one,
-never a torn one. The manifest is written last and names the sha256 of both version files; a
-reader hashes exactly the bytes it deserialises. Nothing is pickled.
+never a torn one. Files are private (mode 0600, whatever the umask): readers run as the
+workers' user. The manifest is written last and names the sha256 of both version files and of
+the current delta (``delta_sha256``, re-written with each delta); a reader hashes exactly the
+bytes it deserialises, serves a delta only when the manifest names its hash, and runs a probe
+search on a version before serving it. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ DELTA_MAGIC = b"AWDELTA1"
 TMP_PREFIX = ".tmp-"
 _VERSION_FILE = re.compile(r"^v(\d{8})\.(faiss|docs|json|delta)$")
 WRITE_CHUNK_BYTES = 8 << 20
+FILE_MODE = 0o600
+"""Every index file is private to the workers' user (and readers running as it)."""
 
 WriteProgress = Callable[[int, int], None]
 
@@ -145,7 +150,7 @@ def write_atomic(
             if pending is not None:
                 pending.result()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -291,6 +296,18 @@ def encode_delta(delta: Delta) -> list[bytes | memoryview]:
     return [DELTA_MAGIC, struct.pack("<I", len(header)), header, body]
 
 
+def bound_delta(data: bytes, manifest: dict[str, Any]) -> Delta | None:
+    """The delta in ``data`` if ``manifest`` binds it (names its sha256), else None when the
+    manifest binds no delta. Raises :class:`IndexFileError` for a delta the manifest does not
+    name (forged, stale, or replaced since the manifest was read) or a damaged one."""
+    expected = manifest.get("delta_sha256")
+    if expected is None:
+        return None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise IndexFileError("delta: sha256 does not match the manifest's delta_sha256")
+    return decode_delta(data)
+
+
 def decode_delta(data: bytes) -> Delta:
     if not data.startswith(DELTA_MAGIC) or len(data) < len(DELTA_MAGIC) + 4:
         raise IndexFileError("delta: bad magic")
@@ -409,4 +426,20 @@ def load_version(directory: Path, manifest: dict[str, Any], *, collection: str) 
         raise IndexFileError(f"v{version}: doc map model {docs.model!r}, manifest says {model!r}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexFileError(f"v{version}: index metric is not inner product")
+    probe(index, version)
     return Loaded(manifest, index, docs)
+
+
+def probe(index: faiss.Index, version: int) -> None:
+    """One search on ``index`` (a unit vector, k=1): a file that deserialises and matches its
+    manifest can still be unusable (an IVF index marked untrained, inverted lists that do not
+    match the quantizer), and would then fail every search once served."""
+    query = np.zeros((1, int(index.d)), dtype=np.float32)
+    if index.d:
+        query[0, 0] = 1.0
+    try:
+        scores, ids = index.search(query, 1)
+    except Exception as exc:  # FAISS raises RuntimeError; SWIG may raise others
+        raise IndexFileError(f"v{version}: probe search failed ({exc})") from None
+    if ids.shape != (1, 1) or (ids[0, 0] >= 0 and not np.isfinite(scores[0, 0])):
+        raise IndexFileError(f"v{version}: probe search returned garbage")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,10 +14,12 @@ import psycopg
 import pytest
 import redis
 from click.testing import CliRunner
+from rich.console import Console
 
 from afterwrite.cli.main import main
 from afterwrite.core import wire
 from afterwrite.core.settings import Settings
+from afterwrite.worker.ingest import dead_letters
 from afterwrite.worker.operations.dead_letter_admin import parse_time
 from afterwrite.worker.runtime import Runtime
 
@@ -117,6 +121,106 @@ def test_replay_revalidates_requeues_and_is_idempotent(
         column.type.length = original  # type: ignore[attr-defined]
         pg.execute("TRUNCATE query_history")
         pg.execute("ALTER TABLE query_history ALTER COLUMN mode TYPE varchar(64)")
+
+
+def test_a_huge_payload_is_stored_capped_and_cannot_be_replayed(
+    env: None,
+    settings: Settings,
+    rdb: redis.Redis,
+    pg: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dead_letters.payload_cap.cache_clear()
+    monkeypatch.setattr(dead_letters, "payload_cap", lambda: dead_letters.MAX_PAYLOAD_BYTES)
+    key = wire.stream_key(settings.stream_prefix, "query")
+    huge = {"id": str(uuid.uuid4()), "created_at": datetime.now(UTC), "query": "x" * 10_000_000}
+    whole = wire.encode(huge)
+    small = {"id": str(uuid.uuid4()), "created_at": datetime.now(UTC), "query": "a\x00b"}
+    rdb.xadd(key, {wire.PAYLOAD_FIELD: whole})
+    rdb.xadd(key, {wire.PAYLOAD_FIELD: wire.encode(small)})
+    rt = Runtime(settings)
+    try:
+        assert rt.drain("query").run(budget_s=10).dead_lettered == 2
+    finally:
+        rt.close()
+    row = pg.execute(
+        "SELECT id, payload_raw, payload_sha256, payload, error_code FROM dead_letters"
+        " WHERE event_id = %s",
+        (huge["id"],),
+    ).fetchone()
+    assert row is not None
+    dead_id, raw, sha, payload, code = row
+    assert code == "too_long"
+    assert bytes(raw) == whole[: 64 * 1024]  # the head only
+    assert bytes(sha) == hashlib.sha256(whole).digest()  # of the whole
+    assert payload == {
+        "afterwrite_truncated": {
+            "bytes": len(whole),
+            "stored_bytes": 64 * 1024,
+            "sha256": hashlib.sha256(whole).hexdigest(),
+        }
+    }
+    shown = json.loads(_invoke("dlq", "show", str(dead_id)).output)
+    assert shown["payload_capped"] is True
+    assert shown["payload_bytes"] == len(whole)
+
+    # The operator lifts the limit: the capped entry would be valid now, yet cannot be replayed.
+    rdb.delete(key)
+    from afterwrite.models import QueryHistory
+
+    column = QueryHistory.__table__.c.query
+    monkeypatch.setitem(column.info, "max_chars", 20_000_000)
+    out = _invoke("dlq", "replay").output
+    assert f"#{dead_id}: cannot be replayed: only the first 65,536 bytes" in out
+    assert "capped 1" in out
+    entries: Any = rdb.xrange(key)
+    assert [e[1][wire.PAYLOAD_FIELD] for e in entries] == []  # nothing re-sent for it...
+    assert pg.execute("SELECT count(*) FROM dead_letters").fetchone() == (2,)  # ...and kept
+
+
+def test_dead_letters_are_stored_whole_below_the_cap(pg: psycopg.Connection[Any]) -> None:
+    entry = dead_letters.DeadEntry("query", "1-0", b"0123456789", {"a": 1}, "invalid", "x", "d")
+    with pg.transaction():
+        dead_letters.add(pg, [entry], max_payload_bytes=10)
+        dead_letters.add(pg, [replace(entry, payload_raw=b"abcdefghijk")], max_payload_bytes=10)
+    rows = pg.execute(
+        "SELECT payload_raw, payload_sha256, payload FROM dead_letters ORDER BY id"
+    ).fetchall()
+    assert bytes(rows[0][0]) == b"0123456789"
+    assert rows[0][2] == {"a": 1}
+    assert not dead_letters.is_capped(bytes(rows[0][0]), bytes(rows[0][1]))
+    assert bytes(rows[1][0]) == b"abcdefghij"
+    assert bytes(rows[1][1]) == hashlib.sha256(b"abcdefghijk").digest()
+    assert rows[1][2]["afterwrite_truncated"]["bytes"] == 11
+    assert dead_letters.is_capped(bytes(rows[1][0]), bytes(rows[1][1]))
+
+
+def test_list_prints_hostile_stored_text_as_text(
+    env: None,
+    settings: Settings,
+    rdb: redis.Redis,
+    pg: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("afterwrite.cli.main.console", Console(width=300))  # no wrapping
+    key = wire.stream_key(settings.stream_prefix, "query")
+    now = datetime.now(UTC)
+    for field in ("[/oops]", "[link=https://evil.example]x[/link]", "\x1b[2J\x1b]8;;u\x07"):
+        record = {"id": str(uuid.uuid4()), "created_at": now, "query": "q", field: 1}
+        rdb.xadd(key, {wire.PAYLOAD_FIELD: wire.encode(record)})
+    rt = Runtime(settings)
+    try:
+        assert rt.drain("query").run(budget_s=5).dead_lettered == 3
+    finally:
+        rt.close()
+    out = _invoke("dlq", "list").output  # "[/oops]" raised rich's MarkupError
+    assert "[/oops]" in out
+    assert "[link=https://evil.example]" in out
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert "\\x1b[2J" in out  # shown, not sent
+    for (dead_id,) in pg.execute("SELECT id FROM dead_letters").fetchall():
+        assert "\x1b" not in _invoke("dlq", "show", str(dead_id)).output
 
 
 def test_purge_asks_before_deleting(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import psycopg
 import pytest
@@ -13,7 +17,7 @@ import pytest
 from afterwrite.demo.services import Endpoints
 from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 from afterwrite.vectorindex import files
-from afterwrite.worker.index import jobs
+from afterwrite.worker.index import jobs, publish
 from tests.index_helpers import add, index_settings, random_unit, tombstone, upsert
 
 DIM = 32
@@ -98,6 +102,110 @@ def test_corrupt_or_truncated_version_is_rejected_old_keeps_serving(
     report = jobs.rebuild(settings, "docs", force=True)
     assert reader.reload()
     assert reader.version == report["version"]
+
+
+def test_published_files_are_private_and_a_forged_delta_is_not_served(
+    endpoints: Endpoints,
+    pg: psycopg.Connection[Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    model = settings.collection_model("docs")
+    x = random_unit(200, DIM, seed=4)
+    doc_ids = add(pg, "docs", x, model=model)
+    old = os.umask(0o022)
+    try:
+        jobs.rebuild(settings, "docs")
+        upsert(pg, "docs", "fresh", random_unit(1, DIM, seed=41)[0], model=model)
+        assert jobs.refresh_deltas(settings)[0]["published"]
+    finally:
+        os.umask(old)
+    directory = tmp_path / "docs"
+    names = sorted(p.name for p in directory.iterdir())
+    assert files.delta_file(1) in names
+    for name in names:
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    manifest = files.read_manifest(directory)
+    assert manifest is not None
+    assert (
+        manifest["delta_sha256"]
+        == hashlib.sha256((directory / files.delta_file(1)).read_bytes()).hexdigest()
+    )
+
+    reader = IndexReader("docs", tmp_path, check_interval_s=0.0)
+    assert "fresh" in {d for d, _ in reader.search(x[0], 300)}
+
+    # someone with write access to the directory plants a delta of their own: a valid file
+    # (its internal checksum is right) that hides doc 0 and serves "planted" first
+    m = manifest
+    forged = files.Delta(
+        base_version=1, max_seq=int(m["max_seq"]) + 1, model=str(m["model"]), dim=DIM,
+        ids=np.array([10**12], dtype=np.int64), vectors=x[:1].copy(), doc_ids=["planted"],
+        masked=np.empty(0, dtype=np.int64), built_at=0.0,
+    )  # fmt: skip
+    (directory / files.delta_file(1)).write_bytes(
+        b"".join(bytes(p) for p in files.encode_delta(forged))
+    )
+    reader.reload()
+    hits = [d for d, _ in reader.search(x[0], 300)]
+    assert "planted" not in hits
+    assert hits[0] == doc_ids[0]
+    assert "fresh" in hits  # the bound delta it had keeps serving
+    assert "delta_sha256" in caplog.text
+    fresh = IndexReader("docs", tmp_path)  # a process starting now does not serve it either
+    assert "planted" not in {d for d, _ in fresh.search(x[0], 300)}
+    # nor does the worker take it for the current delta: the next refresh replaces it
+    assert jobs.refresh_deltas(settings)[0]["published"]
+    assert reader.reload()
+    assert "fresh" in {d for d, _ in reader.search(x[0], 300)}
+
+
+def test_a_version_that_fails_a_probe_search_is_not_swapped_in(
+    endpoints: Endpoints,
+    pg: psycopg.Connection[Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    x = random_unit(300, DIM, seed=5)
+    doc_ids = add(pg, "docs", x, model=settings.collection_model("docs"))
+    jobs.rebuild(settings, "docs")
+    reader = IndexReader("docs", tmp_path, check_interval_s=0.0)
+    directory = tmp_path / "docs"
+    v1 = files.read_manifest(directory)
+    assert v1 is not None
+    docs = files.load_version(directory, v1, collection="docs").docs
+
+    # v2: every checksum, count, dimension and metric right, but an IVF index marked untrained
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, 4, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    broken = faiss.IndexIDMap2(ivf)
+    broken.add_with_ids(x, docs.ids)
+    ivf.is_trained = False
+    sha, docs_sha, size = publish.write_version(
+        directory, 2, broken, docs.ids, [d.decode() for d in docs.doc_ids], model=v1["model"]
+    )
+    v2 = {
+        **v1,
+        "version": 2,
+        "file": files.index_file(2),
+        "docs_file": files.docs_file(2),
+        "sha256": sha,
+        "docs_sha256": docs_sha,
+        "file_bytes": size,
+    }
+    v2.pop("delta_sha256", None)
+    publish.publish_manifest(directory, v2)
+
+    assert not reader.reload()
+    assert reader.version == 1
+    assert reader.search(x[7], 1)[0][0] == doc_ids[7]
+    assert "probe search failed" in caplog.text
+    with pytest.raises(IndexUnavailable):
+        IndexReader("docs", tmp_path).search(x[7], 1)
+    with pytest.raises(files.IndexFileError, match="probe"):
+        publish.rollback(directory, "docs", to=2)
 
 
 def test_search_checks_for_new_versions_by_itself(

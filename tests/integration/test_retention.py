@@ -73,7 +73,8 @@ def test_stops_at_its_time_budget_and_the_next_run_continues(pg: psycopg.Connect
 def test_off_by_default_for_query_history(pg: psycopg.Connection[Any], settings: Settings) -> None:
     _fill(pg, range(50))
     reports = run_retention(pg, list(kinds), settings)
-    assert "query" not in {r.kind for r in reports}  # other kinds may declare their own
+    rows = {r.kind for r in reports if r.table != "dead_letters"}
+    assert "query" not in rows  # other kinds may declare their own
     assert len(_ids(pg)) == 51
 
 
@@ -90,11 +91,53 @@ def test_configured_retention_runs_for_that_kind(
             "INSERT INTO query_history (id, created_at, query) "
             "VALUES (gen_random_uuid(), now() - interval '91 days', 'old')"
         )
-    (report,) = run_retention(
+    (report, *dead) = run_retention(
         pg, [kinds.get("query")], settings.model_copy(update={"retention_days": {"query": 90}})
     )
-    assert report.deleted == 1
+    assert (report.table, report.deleted) == ("query_history", 1)
+    assert {r.table for r in dead} == {"dead_letters"}
     assert _ids(pg) == recent
+
+
+def _dead(pg: psycopg.Connection[Any], kind: str, age: timedelta, n: int = 1) -> set[int]:
+    ids = set()
+    for i in range(n):
+        raw = f"{kind} {age} {i}".encode()
+        row = pg.execute(
+            "INSERT INTO dead_letters (kind, payload_raw, payload_sha256, reason, detail,"
+            " first_seen_at, last_seen_at) VALUES (%s, %s, sha256(%s), 'invalid', 'd',"
+            " now() - %s, now() - %s) RETURNING id",
+            (kind, raw, raw, age, age),
+        ).fetchone()
+        assert row is not None
+        ids.add(int(row[0]))
+    return ids
+
+
+def test_dead_letters_expire_per_kind_in_chunks(
+    pg: psycopg.Connection[Any], settings: Settings
+) -> None:
+    day = timedelta(days=1)
+    kept = _dead(pg, "query", 29 * day) | _dead(pg, "agent_step", 6 * day)
+    kept |= _dead(pg, "retired_kind", 29 * day)
+    _dead(pg, "query", 31 * day, n=12)  # past the 30-day default
+    _dead(pg, "agent_step", 8 * day)  # past its kind's own 7-day retention
+    _dead(pg, "retired_kind", 31 * day)  # a kind no longer registered: the default applies
+    configured = settings.model_copy(
+        update={"retention_days": {"agent_step": 7}, "retention_chunk_rows": 5}
+    )
+    assert configured.dead_letter_retention_days == 30
+    reports = [r for r in run_retention(pg, list(kinds), configured) if r.table == "dead_letters"]
+    by_kind = {r.kind: r for r in reports}
+    assert by_kind["query"].deleted == 12
+    assert by_kind["query"].chunks == 3  # 5 + 5 + 2
+    assert by_kind["agent_step"].deleted == 1
+    assert by_kind["*"].deleted == 1
+    assert {int(r[0]) for r in pg.execute("SELECT id FROM dead_letters")} == kept
+
+    shorter = configured.model_copy(update={"dead_letter_retention_days": 5})
+    run_retention(pg, list(kinds), shorter)
+    assert pg.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
 
 
 class _Base(DeclarativeBase):

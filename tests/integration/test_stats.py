@@ -260,6 +260,21 @@ def test_cli_human_table_and_html_chart(
     assert not re.search(r'(src|href)="', html)  # nothing fetched
 
 
+def test_cli_prints_hostile_user_ids_as_text(
+    pg: psycopg.Connection[Any], cli_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # no wrapping
+    users = ["[/boom]", "[link=https://e.x]u[/link]", "\x1b[31mred\x1b]8;;u\x07"]
+    _insert(pg, [Req(T - timedelta(hours=1), u, "chat", ("m",), 1.0, 1, 1) for u in users])
+    result = CliRunner().invoke(stats_cmd, [*WINDOW, "--by", "user"])
+    assert result.exit_code == 0, (result.output, result.exception)  # "[/boom]" crashed it
+    assert "[/boom]" in result.output
+    assert "[link=https://e.x]u[/link]" in result.output
+    assert "\\x1b[31mred" in result.output
+    assert "\x1b" not in result.output
+    assert "\x07" not in result.output
+
+
 def test_cli_rejects_a_bad_time_and_an_empty_window(cli_env: None) -> None:
     bad = CliRunner().invoke(stats_cmd, ["--since", "last tuesday"])
     assert bad.exit_code == 2

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+import stat
 import time
 import tracemalloc
 import uuid
@@ -30,8 +32,10 @@ from afterwrite.models.registry import kinds
 from afterwrite.worker.operations.transfer import (
     EXPORT_FETCH_ROWS,
     ImportAborted,
+    LongLine,
     export_rows,
     import_rows,
+    read_lines,
 )
 from afterwrite.worker.runtime import Runtime
 
@@ -335,6 +339,89 @@ def test_unreadable_and_unwritable_files_fail_clearly(env: None, tmp_path: Path)
     nowhere = tmp_path / "no" / "such" / "dir.jsonl"
     out = run("export", "query", "-o", str(nowhere), code=2)
     assert f"cannot write {nowhere}: No such file or directory" in out.stderr
+
+
+def test_export_never_follows_or_overwrites_a_file_it_did_not_create(
+    env: None, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    pg.execute(
+        "INSERT INTO query_history (id, created_at, query) VALUES (%s, now(), 'q')",
+        (uuid7_str(),),
+    )
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "rows.jsonl"
+    planted = tmp_path / "rows.jsonl.partial"
+    planted.symlink_to(victim)
+    result = run("export", "query", "-o", str(out), code=2)
+    assert f"{planted} already exists" in result.stderr
+    assert victim.read_bytes() == b"precious"
+    assert planted.is_symlink()
+    assert not out.exists()
+    planted.unlink()
+
+    # a stale partial (a regular file) is left alone as well
+    planted.write_bytes(b"someone else's")
+    run("export", "query", "-o", str(out), code=2)
+    assert planted.read_bytes() == b"someone else's"
+    planted.unlink()
+
+    # the output name itself a link: the rename replaces the link, never its target
+    out.symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        run("export", "query", "-o", str(out))
+    finally:
+        os.umask(old)
+    assert victim.read_bytes() == b"precious"
+    assert not out.is_symlink()
+    assert json.loads(out.read_bytes())["query"] == "q"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # user data: private
+    assert not planted.exists()
+
+
+def test_import_bounds_line_length_and_nesting(
+    env: None, pg: psycopg.Connection[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AFTERWRITE_IMPORT_MAX_LINE_BYTES", "4096")
+
+    def line(**fields: Any) -> bytes:
+        record = {"id": uuid7_str(), "created_at": "2026-01-01T00:00:00+00:00", "query": "q"}
+        return json.dumps({**record, **fields}).encode()
+
+    deep = line(query="deep")[:-1] + b', "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    long = line(query="x" * 100_000)
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join([line(query="first"), deep, long, line(query="last")]) + b"\n")
+    report = import_json(path)
+    assert (report["inserted"], report["dead_lettered"]) == (2, 2)
+    assert report["codes"] == {"too_deep": 1, "line_too_long": 1}
+    rows = pg.execute(
+        "SELECT entry_id, error_code, detail, payload_raw, payload_sha256, payload"
+        " FROM dead_letters ORDER BY entry_id"
+    ).fetchall()
+    by_line = {r[0]: r[1:] for r in rows}
+    assert by_line["hostile.jsonl:2"][0] == "too_deep"
+    code, detail, raw, sha, payload = by_line["hostile.jsonl:3"]
+    assert code == "line_too_long"
+    assert f"line of {len(long):,} bytes, limit 4,096" in detail
+    assert bytes(raw) == long[:4097]  # only the head was read
+    assert bytes(sha) == hashlib.sha256(long).digest()  # of the whole line
+    assert payload["afterwrite_truncated"]["bytes"] == len(long)
+
+
+def test_read_lines_never_holds_an_over_long_line() -> None:
+    long = b"y" * (3 << 20)
+    f = io.BytesIO(b"short\n" + long + b"\r\nafter\n" + long)
+    got = list(read_lines(f, 1000))
+    assert got[0] == b"short\n"
+    assert isinstance(got[1], LongLine)
+    assert bytes(got[1]) == long[:1001]
+    assert (got[1].length, got[1].sha256) == (len(long), hashlib.sha256(long).digest())
+    assert got[2] == b"after\n"
+    assert isinstance(got[3], LongLine)
+    assert got[3].length == len(long)  # the last line, without a newline
+    assert len(got) == 4
 
 
 def test_a_value_json_cannot_hold_fails_the_export_and_leaves_no_file(

@@ -17,6 +17,25 @@ from afterwrite.core.logs import JsonFormatter, SecretFilter, install, mask
         ("dsn host=db password=hunter2 user=x", "dsn host=db password=*** user=x"),
         ("postgresql://u@db/app", "postgresql://u@db/app"),
         ("no secrets here", "no secrets here"),
+        # provider errors: bearer tokens and sk- keys
+        ("Authorization: Bearer abc.def-ghi", "Authorization: Bearer ***"),
+        ('{"Authorization": "Bearer sk-abcdef123456"}', '{"Authorization": "Bearer ***"}'),
+        ("authorization=Basic dXNlcjpwdw==; next", "authorization=Basic ***; next"),
+        ("sent bearer eyJhbGciOi.J9x_y to the proxy", "sent bearer *** to the proxy"),
+        (
+            "Error code: 401 - Incorrect API key provided: sk-proj-AbC123xyz789. You can find",
+            "Error code: 401 - Incorrect API key provided: sk-***. You can find",
+        ),
+        ("API key provided: sk-abc****************wxyz.", "API key provided: sk-***."),
+        ("key sk-ant-api03-XYZ_abc-123 refused", "key sk-*** refused"),
+        ("task-1234567 and disk-0001234", "task-1234567 and disk-0001234"),
+        # JSON and quoted passwords
+        ('{"user": "bob", "password": "hunter 2"}', '{"user": "bob", "password": "***"}'),
+        ('{"db_password":"a\\"b", "n": 1}', '{"db_password":"***", "n": 1}'),
+        ("connect(password='hunter 2', host='db')", "connect(password='***', host='db')"),
+        ('PASSWORD = "s3cret;x" user=x', 'PASSWORD = "***" user=x'),
+        ("{'api_key': 'k-123', 'model': 'gpt'}", "{'api_key': '***', 'model': 'gpt'}"),
+        ('{"prompt_tokens": "5", "token_count": "7"}',) * 2,
     ],
 )
 def test_mask(text: str, expected: str) -> None:

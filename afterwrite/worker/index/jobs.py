@@ -218,7 +218,10 @@ def _rebuild_locked(
         settings.require_database_url(), DELTA, collection, wait_s=60.0
     ) as delta_conn:
         delta_started = _now()
-        fresh = deltas.refresh(delta_conn, directory, collection, manifest, force=True)
+        fresh = deltas.refresh(
+            delta_conn, directory, collection, manifest, force=True, bind_manifest=False
+        )
+        manifest["delta_sha256"] = fresh.sha256
         publish.publish_manifest(directory, manifest)
     write_s = time.perf_counter() - t0
     manifest["timings"]["write_s"] = write_s
@@ -461,9 +464,7 @@ def status(settings: Settings, collection: str | None = None) -> list[dict[str, 
                     "manifest": manifest,
                     "manifest_error": error,
                     "versions": files.versions_on_disk(directory),
-                    "delta": deltas.current_key(directory, int(manifest["version"]))
-                    if manifest
-                    else None,
+                    "delta": deltas.current_key(directory, manifest) if manifest else None,
                     "db_max_seq": source.max_seq(conn, name),
                     "configured_model": settings.collection_model(name),
                     "recent_builds": [

@@ -117,6 +117,9 @@ def rollback(directory: Path, collection: str, to: int | None = None) -> dict[st
         raise IndexFileError(f"v{to}: its manifest copy is missing")
     files.load_version(directory, manifest, collection=collection)  # verify before publishing
     manifest = {**manifest, "pinned": True, "rolled_back_at": time.time(), "rolled_back_from": now}
+    # its old delta is stale (and may be gone): none is served until the caller publishes and
+    # binds a fresh one
+    manifest.pop("delta_sha256", None)
     files.write_json_atomic(directory / files.MANIFEST, manifest)
     log.warning(
         "index %s rolled back from v%d to v%d",

@@ -4,7 +4,8 @@ Replay re-validates each entry against its kind's table as it is now (the schema
 validator may have been fixed since) and re-adds the exact original bytes to the kind's stream;
 only then is the dead letter deleted. Re-adding an entry twice (a crash between the two steps,
 or two replays at once) stores one row, because the event id is the primary key: replay is
-idempotent.
+idempotent. An entry whose payload was capped (only its head is stored, see
+:mod:`afterwrite.worker.ingest.dead_letters`) cannot be replayed and is never re-sent.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from psycopg.rows import dict_row
 from afterwrite.core import wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import kinds
+from afterwrite.worker.ingest.dead_letters import TRUNCATED_KEY, is_capped
 from afterwrite.worker.ingest.rows import Invalid, RowCodec
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -103,14 +105,21 @@ def count_dead(conn: psycopg.Connection[Any], flt: Filter) -> int:
 def show(conn: psycopg.Connection[Any], dead_id: int) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
-            "SELECT " + _SUMMARY + ", entry_id, payload, payload_raw FROM dead_letters "
-            "WHERE id = %s",
+            "SELECT " + _SUMMARY + ", entry_id, payload, payload_raw, payload_sha256 "
+            "FROM dead_letters WHERE id = %s",
             (dead_id,),
         ).fetchone()
     if row is None:
         return None
     raw = bytes(row.pop("payload_raw"))
+    sha = bytes(row.pop("payload_sha256"))
+    row["payload_sha256"] = sha.hex()
     row["payload_bytes"] = len(raw)
+    row["payload_capped"] = is_capped(raw, sha)
+    marker = row["payload"].get(TRUNCATED_KEY) if isinstance(row["payload"], dict) else None
+    if row["payload_capped"] and isinstance(marker, dict):
+        row["payload_bytes"] = marker.get("bytes")
+        row["payload_stored_bytes"] = len(raw)
     row["payload_raw_hex"] = raw[:256].hex() + ("…" if len(raw) > 256 else "")
     return row
 
@@ -120,6 +129,8 @@ class ReplayReport:
     replayed: int = 0
     still_invalid: int = 0
     unknown_kind: int = 0
+    capped: int = 0
+    """Entries stored capped (only their head): they cannot be replayed."""
     problems: list[dict[str, Any]] = field(default_factory=list)
     """Up to 20 entries that could not be replayed, with why."""
 
@@ -128,26 +139,27 @@ class ReplayReport:
             "replayed": self.replayed,
             "still_invalid": self.still_invalid,
             "unknown_kind": self.unknown_kind,
+            "capped": self.capped,
             "problems": self.problems,
         }
 
 
 def _batches(
     conn: psycopg.Connection[Any], flt: Filter, size: int
-) -> Iterator[list[tuple[int, str, bytes]]]:
+) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
     where, params = flt.where()
     last = 0
     while True:
         rows = conn.execute(
             sql.SQL(
-                "SELECT id, kind, payload_raw FROM dead_letters WHERE {} AND id > %s "
-                "ORDER BY id LIMIT %s"
+                "SELECT id, kind, payload_raw, payload_sha256 FROM dead_letters"
+                " WHERE {} AND id > %s ORDER BY id LIMIT %s"
             ).format(where),
             [*params, last, size],
         ).fetchall()
         if not rows:
             return
-        yield [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+        yield [(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
         last = int(rows[-1][0])
 
 
@@ -168,7 +180,16 @@ def replay(
     codecs: dict[str, RowCodec] = {}
     for batch in _batches(conn, flt, chunk):
         ready: list[tuple[int, str, bytes]] = []
-        for dead_id, kind_name, raw in batch:
+        for dead_id, kind_name, raw, sha in batch:
+            if is_capped(raw, sha):
+                report.capped += 1
+                _note(
+                    report,
+                    dead_id,
+                    f"cannot be replayed: only the first {len(raw):,} bytes of its payload were"
+                    " stored (AFTERWRITE_DEAD_LETTER_MAX_PAYLOAD_BYTES)",
+                )
+                continue
             if kind_name not in kinds:
                 report.unknown_kind += 1
                 _note(report, dead_id, f"kind {kind_name!r} is not registered here")

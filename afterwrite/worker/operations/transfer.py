@@ -20,20 +20,30 @@ stores a record that leaves the field out).
 Import takes the drain's path: :class:`RowCodec` validation (and the kind's ``validate`` hook),
 then :func:`write_batch`: COPY → staging → ``INSERT … ON CONFLICT (id) DO NOTHING``, one commit
 per batch, rows PostgreSQL refuses bisected out. Lines that can never be stored are
-dead-lettered (reason ``invalid``; code ``not_json`` for a line that is not JSON) with the line's
-bytes as ``payload_raw``; importing a file again changes no row. (``dlq replay`` re-sends
-stream entries and cannot replay these: fix the lines and import them again.)
+dead-lettered (reason ``invalid``; code ``not_json`` for a line that is not JSON, ``too_deep``
+for one nested too deeply to decode, ``line_too_long`` for one over
+``AFTERWRITE_IMPORT_MAX_LINE_BYTES``, which :func:`read_lines` never holds whole) with the
+line's bytes as ``payload_raw``; importing a file again changes no row. (``dlq replay``
+re-sends stream entries and cannot replay these: fix the lines and import them again.)
+
+An export to a file (:func:`exclusive_output`) writes ``FILE.partial``, created private (0600)
+with ``O_CREAT|O_EXCL|O_NOFOLLOW``: it never opens a file or follows a link it did not create,
+and renames only its own file to ``FILE``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
 import io
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 
 import msgspec
@@ -52,6 +62,9 @@ EXPORT_FETCH_ROWS = 1_000
 """Rows per FETCH from the server-side cursor: what an export holds in memory at once."""
 TIME_COLUMN = "created_at"
 """``since`` / ``until`` filter on this column."""
+MAX_LINE_BYTES = 16 << 20
+"""Default of ``AFTERWRITE_IMPORT_MAX_LINE_BYTES``: more than any row the drain accepts."""
+_READ_CHUNK = 1 << 20
 
 _encoder = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
@@ -218,7 +231,73 @@ def export_rows(
     return written
 
 
+@contextlib.contextmanager
+def exclusive_output(path: Path) -> Iterator[BinaryIO]:
+    """Write ``path`` through ``path.partial``, renamed into place only once complete (an
+    interrupted export never leaves a truncated file under the real name).
+
+    The partial file is created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600: when
+    anything already has that name (a link planted there, another export, one that died) the
+    export fails with TransferError and touches nothing. Only the file this call created is
+    removed on failure or renamed on success; the rename replaces ``path`` itself, never
+    what a link there points to."""
+    partial = path.with_name(path.name + ".partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(partial, flags, 0o600)
+    except FileExistsError:
+        raise TransferError(
+            f"{partial} already exists (another export writing it, one that died, or a file "
+            "or link put there by someone else); not touching it: remove it and run again"
+        ) from None
+    except OSError as exc:
+        raise TransferError(f"cannot write {path}: {exc.strerror}") from None
+    created = os.fstat(fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        now = os.lstat(partial)
+        if (now.st_dev, now.st_ino) != (created.st_dev, created.st_ino):
+            raise TransferError(f"{partial} was replaced while exporting; {path} not written")
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            now = os.lstat(partial)
+            if (now.st_dev, now.st_ino) == (created.st_dev, created.st_ino):
+                os.unlink(partial)
+        raise
+
+
 # --- import -------------------------------------------------------------------------------
+class LongLine(bytes):
+    """The first bytes of a line longer than the limit (from :func:`read_lines`); ``length``
+    and ``sha256`` describe the whole line, which was never held in memory."""
+
+    length: int
+    sha256: bytes
+
+
+def read_lines(f: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of ``f`` (with their newline), none longer than ``max_bytes`` plus the
+    newline held in memory: a longer one is yielded as a :class:`LongLine` of its first
+    ``max_bytes + 1`` bytes, the rest read in chunks, hashed and counted (without the
+    newline)."""
+    while line := f.readline(max_bytes + 1):
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield line
+            continue
+        digest, length = hashlib.sha256(line), len(line)
+        while (rest := f.readline(_READ_CHUNK)) and not rest.endswith(b"\n"):
+            digest.update(rest)
+            length += len(rest)
+        rest = rest.rstrip(b"\r\n")  # what the dead letter describes: the line, no newline
+        digest.update(rest)
+        length += len(rest)
+        long_line = LongLine(line)
+        long_line.length, long_line.sha256 = length, digest.digest()
+        yield long_line
+
+
 @dataclass
 class ImportReport:
     """``lines == inserted + duplicates + dead_lettered``; blank lines are not counted."""
@@ -254,6 +333,8 @@ class LineCodec:
             return _decode(line)
         except _NOT_JSON as exc:
             raise Invalid("not_json", f"not a JSON line: {exc}") from None
+        except RecursionError:
+            raise Invalid("too_deep", "JSON nested too deeply to decode") from None
 
     def row(self, line: bytes, payload: Any) -> tuple[Any, ...]:
         """Validate ``payload`` (``line`` decoded) and return its row, or raise Invalid."""
@@ -302,7 +383,11 @@ DeadFactory = Callable[[int, bytes, Any, str, str, str], DeadEntry]
 
 
 def _batches(
-    codec: LineCodec, lines: Iterable[bytes], size: int, dead: DeadFactory
+    codec: LineCodec,
+    lines: Iterable[bytes],
+    size: int,
+    dead: DeadFactory,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[_Batch]:
     """Validated batches of ``size`` non-blank lines; no I/O beyond reading ``lines``."""
     id_at = codec.codec.columns.index("id")
@@ -312,25 +397,58 @@ def _batches(
         if not line.strip():
             continue
         batch.lines += 1
-        payload: Any = None
-        try:
-            payload = codec.decode(line)
-            row = codec.row(line, payload)
-        except Invalid as exc:
-            batch.dead.append(dead(n, line, payload, exc.code, exc.detail, "invalid"))
+        if isinstance(raw_line, LongLine) or len(line) > max_line_bytes:
+            batch.dead.append(_too_long(n, raw_line, line, max_line_bytes, dead))
         else:
-            # Within a batch as across batches (ON CONFLICT), the first line with an id wins.
-            if row[id_at] in ids:
-                batch.duplicates += 1
-            else:
-                ids.add(row[id_at])
-                batch.rows.append(row)
-                batch.sources.append((n, line, payload))
+            _validate(codec, batch, ids, id_at, n, line, dead)
         if batch.lines >= size:
             yield batch
             batch, ids = _Batch(), set()
     if batch.lines:
         yield batch
+
+
+def _too_long(
+    n: int, raw_line: bytes, line: bytes, max_line_bytes: int, dead: DeadFactory
+) -> DeadEntry:
+    length = raw_line.length if isinstance(raw_line, LongLine) else len(line)
+    entry = dead(
+        n,
+        line,
+        None,
+        "line_too_long",
+        f"line of {length:,} bytes, limit {max_line_bytes:,} (AFTERWRITE_IMPORT_MAX_LINE_BYTES)",
+        "invalid",
+    )
+    if isinstance(raw_line, LongLine):  # only its head was read: describe the whole line
+        entry = replace(entry, whole_bytes=raw_line.length, whole_sha256=raw_line.sha256)
+    return entry
+
+
+def _validate(
+    codec: LineCodec,
+    batch: _Batch,
+    ids: set[Any],
+    id_at: int,
+    n: int,
+    line: bytes,
+    dead: DeadFactory,
+) -> None:
+    """Decode and validate one line into ``batch`` (a row, a duplicate, or a dead letter)."""
+    payload: Any = None
+    try:
+        payload = codec.decode(line)
+        row = codec.row(line, payload)
+    except Invalid as exc:
+        batch.dead.append(dead(n, line, payload, exc.code, exc.detail, "invalid"))
+        return
+    # Within a batch as across batches (ON CONFLICT), the first line with an id wins.
+    if row[id_at] in ids:
+        batch.duplicates += 1
+    else:
+        ids.add(row[id_at])
+        batch.rows.append(row)
+        batch.sources.append((n, line, payload))
 
 
 def import_rows(
@@ -343,6 +461,7 @@ def import_rows(
     source: str = "import",
     guard_ratio: float | None = 0.9,
     guard_min_lines: int = 100,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> ImportReport:
     """Store JSON Lines (an export's, or any in its format) as rows of ``kind``; idempotent.
 
@@ -353,7 +472,9 @@ def import_rows(
     Dead letters get ``entry_id = "<source>:<line number>"``. When at least ``guard_ratio`` of
     a first batch of ``guard_min_lines`` or more lines is invalid, raises ImportAborted before
     committing anything (``guard_ratio=None`` turns this off). ``progress(report)`` is called
-    after each commit. Raises UnknownKindError, TransferError, psycopg.Error (transient: the
+    after each commit. A line longer than ``max_line_bytes`` (without its newline) is
+    dead-lettered as ``line_too_long``; read the file with :func:`read_lines` so such a line
+    is never held whole. Raises UnknownKindError, TransferError, psycopg.Error (transient: the
     batches committed so far stay).
     """
     _require_idle(conn, "import_rows commits every batch")
@@ -367,7 +488,7 @@ def import_rows(
     def dead(n: int, line: bytes, payload: Any, code: str, detail: str, reason: str) -> DeadEntry:
         return DeadEntry(k.name, f"{source}:{n}"[-64:], line, payload, reason, code, detail)
 
-    for batch in _batches(codec, lines, batch_size, dead):
+    for batch in _batches(codec, lines, batch_size, dead, max_line_bytes):
         _check_guard(report, batch, guard_ratio, guard_min_lines)
         _flush(conn, q, batch, report, dead)
         if progress is not None:
