@@ -12,7 +12,7 @@ import click
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, console, fail
+from afterwrite.cli.common import cli_settings, console, fail, require_schema
 
 _STAGES = {"read": "reading vectors", "build": "building", "check": "recall check",
            "write": "writing"}  # fmt: skip
@@ -30,8 +30,10 @@ def index_status(collection: str | None, as_json: bool) -> None:
     """Published version, kept versions, delta and recent builds per collection."""
     from afterwrite.worker.index import jobs
 
+    settings = cli_settings()
+    require_schema(settings)  # without embeddings it would print an empty table
     try:
-        rows = jobs.status(cli_settings(), collection)
+        rows = jobs.status(settings, collection)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
