@@ -30,8 +30,8 @@ PROCFILE = ROOT / "Procfile"
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = ROOT / "pyproject.toml"
 
-# Procfile process -> compose service running the same command (default: the same name).
-PROCFILE_SERVICE = {"release": "migrate"}
+# A Procfile line may run steps joined by `&&` (the worker migrates first); each step is the
+# command of the compose service of that name (the last one: the process's own service).
 AFTERWRITE_SERVICES = ("migrate", "worker", "beat", "flower", "metrics", "web")
 # ${VAR}, ${VAR:-default}, ${VAR:?error}, $VAR
 VARIABLE = re.compile(r"\$(?:\{(?P<braced>\w+)(?::?[-?][^}]*)?\}|(?P<bare>\w+))")
@@ -65,6 +65,17 @@ def _argv(command: str | list[str]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
 
 
+def _steps(command: str) -> list[list[str]]:
+    """A Procfile command's steps (``a && exec b``), each without its ``exec``."""
+    steps: list[list[str]] = [[]]
+    for arg in shlex.split(command):
+        if arg == "&&":
+            steps.append([])
+        else:
+            steps[-1].append(arg)
+    return [step[1:] if step[:1] == ["exec"] else step for step in steps]
+
+
 def _environment(service: Mapping[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
@@ -77,6 +88,9 @@ def _expand(argv: list[str], env: Mapping[str, str]) -> list[str]:
 
     def one(match: re.Match[str]) -> str:
         name = match.group("braced") or match.group("bare")
+        default = re.fullmatch(r"\$\{\w+:-(.*)\}", match.group(0))
+        if name not in env and default:
+            return default.group(1)
         assert name in env, f"{name} is used but the compose service does not set it"
         return env[name]
 
@@ -102,7 +116,8 @@ def _all_commands() -> Iterator[tuple[str, list[str]]]:
         if "build" in service:
             yield f"compose service {name}", _argv(service["command"])
     for name, command in _procfile().items():
-        yield f"Procfile process {name}", _argv(command)
+        for step in _steps(command):
+            yield f"Procfile process {name}", step
     yield "Dockerfile CMD", _dockerfile_cmd()
 
 
@@ -150,13 +165,27 @@ def _dockerfile_extras() -> list[str]:
 def test_every_procfile_process_runs_the_same_command_as_its_compose_service() -> None:
     services = _services()
     processes = _procfile()
-    assert {"web", "worker", "beat", "flower", "release"} <= processes.keys()
+    assert {"web", "worker", "beat", "flower", "metrics"} <= processes.keys()
     for name, command in processes.items():
-        service_name = PROCFILE_SERVICE.get(name, name)
-        assert service_name in services, f"Procfile {name!r} has no compose service"
-        service = services[service_name]
-        expected = _expand(_argv(command), _environment(service))
-        assert _argv(service["command"]) == expected, f"Procfile {name!r} != {service_name!r}"
+        *before, last = _steps(command)
+        for step, service_name in [*((s, s[1]) for s in before), (last, name)]:
+            assert service_name in services, f"Procfile {name!r}: no compose {service_name!r}"
+            service = services[service_name]
+            expected = _expand(step, _environment(service))
+            assert _argv(service["command"]) == expected, f"Procfile {name!r} != {service_name!r}"
+
+
+def test_every_procfile_line_is_a_long_running_process() -> None:
+    """honcho and foreman run every line as a process and stop them all when one exits: a
+    `release: afterwrite migrate` line tore the others down. The worker migrates first
+    (concurrent migrations wait on an advisory lock) and then becomes the worker (exec, so
+    the runner's SIGTERM reaches Celery for its warm shutdown)."""
+    processes = _procfile()
+    assert "release" not in processes
+    assert _steps(processes["worker"]) == [["afterwrite", "migrate"], ["afterwrite", "worker"]]
+    assert " && exec afterwrite worker" in processes["worker"]
+    for name, command in processes.items():
+        assert "migrate" not in _steps(command)[-1], f"{name} ends when its command is done"
 
 
 def test_every_afterwrite_subcommand_exists_in_the_cli() -> None:
