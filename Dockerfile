@@ -19,10 +19,11 @@ RUN pip install ".[examples]"
 
 # Least privilege: the code belongs to root; every process runs as this unprivileged user.
 RUN useradd --system --uid 10001 --user-group --no-create-home afterwrite \
-    && mkdir -p /var/lib/afterwrite/indexes \
+    && mkdir -p /var/lib/afterwrite/indexes /var/lib/afterwrite/spill \
     && chown -R afterwrite:afterwrite /var/lib/afterwrite
 # FAISS indexes: written by the worker, read by the web app (a volume shared by both in
-# docker-compose; a named volume takes this directory's owner on first use).
+# docker-compose); the web app's spill journal (<data dir>/spill, a volume of its own). A named
+# volume takes its directory's owner on first use.
 ENV AFTERWRITE_DATA_DIR=/var/lib/afterwrite \
     AFTERWRITE_INDEX_DIR=/var/lib/afterwrite/indexes
 USER afterwrite

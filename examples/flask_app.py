@@ -3,6 +3,7 @@
 Run it (with ``AFTERWRITE_REDIS_URL`` set and a worker draining)::
 
     flask --app examples.flask_app run --port 8000
+    pip install gunicorn   # not in afterwrite's extras: your service's own server
     gunicorn 'examples.flask_app:create_app()'
 """
 

@@ -9,6 +9,13 @@ Run it (with ``AFTERWRITE_REDIS_URL`` set and a worker draining)::
     curl -s localhost:8000/documents -H 'content-type: application/json' \\
         -d '{"collection": "docs", "doc_id": "rag", "text": "RAG retrieves, then generates."}'
     curl -s 'localhost:8000/search?collection=docs&q=retrieval'
+    curl -s -u "$AFTERWRITE_FLOWER_USER:$AFTERWRITE_FLOWER_PASSWORD" localhost:8000/metrics
+
+``/metrics`` serves the producer's counters (records sent, spilled, dropped: what the
+``AfterwriteProducerDropping`` alert watches) in the Prometheus text format, behind the same
+HTTP basic credentials as Flower and ``afterwrite metrics-server``
+(``AFTERWRITE_FLOWER_USER`` / ``AFTERWRITE_FLOWER_PASSWORD``; without them it answers 503,
+``AFTERWRITE_FLOWER_UNAUTHENTICATED=true`` opens it for local development).
 
 ``EXAMPLE_RECORDING`` picks how handlers record (the load test, ``benchmarks.loadtest``,
 compares them): ``direct`` (default: ``AsyncClient``, one XADD awaited per record),
@@ -21,6 +28,7 @@ every request inside the app and serves the figures at ``/debug/timings``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import time
 from collections import deque
@@ -28,14 +36,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, 
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from afterwrite import AsyncClient, Client
 from examples import fakellm
+
+if TYPE_CHECKING:
+    from afterwrite.core.settings import Settings
 
 RECORDING_ENV = "EXAMPLE_RECORDING"
 TIMING_ENV = "EXAMPLE_TIMING"
@@ -43,6 +55,8 @@ RECORD_TIMINGS_KEPT = 100_000
 """The newest recording-call durations each recording keeps (bounded: the app runs for days)."""
 RECORDINGS = ("direct", "background", "sync-orm")
 LATENCY_METRIC = "example.ask.latency_ms"
+METRICS_AUTH = HTTPBasic(auto_error=False, realm="afterwrite")
+"""``/metrics`` credentials (module level: FastAPI resolves the route's annotations here)."""
 
 
 class Ask(BaseModel):
@@ -338,10 +352,12 @@ def create_app(
     latency_ms: float | None = None,
     recording: Recording | None = None,
     timing: bool | None = None,
+    settings: Settings | None = None,
 ) -> FastAPI:
     """The app. ``client`` (direct recording) or ``recording`` are injected by tests; by
     default the recording ``EXAMPLE_RECORDING`` names is made at startup and closed at
-    shutdown."""
+    shutdown. ``settings`` holds the ``/metrics`` credentials (default: read from the
+    environment on the first request to ``/metrics``)."""
     delay_s = (fakellm.latency_ms_from_env() if latency_ms is None else latency_ms) / 1000
     if recording is None and client is not None:
         recording = DirectRecording(client, owned=False)  # the caller owns it and closes it
@@ -366,7 +382,9 @@ def create_app(
     app.state.recording = recording
     app.state.readers = {}
     app.state.timings = timings
+    app.state.metrics_settings = settings
     _add_routes(app, delay_s)
+    _add_metrics(app)
     if os.environ.get(TIMING_ENV) == "1" if timing is None else timing:
         _add_timing(app, timings)
     return app
@@ -438,6 +456,47 @@ def _add_routes(app: FastAPI, delay_s: float) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+
+def _add_metrics(app: FastAPI) -> None:
+    """``/metrics``: the producer's counters for Prometheus, behind HTTP basic authentication
+    (the credentials of Flower and ``afterwrite metrics-server``)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from afterwrite.producer.prometheus import ProducerCollector
+
+    @app.get("/metrics")
+    async def metrics(
+        request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(METRICS_AUTH)]
+    ) -> Response:
+        _check_metrics_credentials(request.app, credentials)
+        registry = CollectorRegistry(auto_describe=False)
+        recorder: AsyncClient | Client | None = request.app.state.recorder
+        if recorder is not None:  # sync-orm records without afterwrite: nothing to export
+            registry.register(ProducerCollector(recorder))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _check_metrics_credentials(app: FastAPI, given: HTTPBasicCredentials | None) -> None:
+    from afterwrite.core.settings import load_settings
+
+    settings: Settings | None = app.state.metrics_settings
+    if settings is None:
+        settings = app.state.metrics_settings = load_settings()
+    if settings.flower_unauthenticated:
+        return
+    if not (settings.flower_user and settings.flower_password):
+        raise HTTPException(
+            503,
+            "/metrics needs credentials: set AFTERWRITE_FLOWER_USER and "
+            "AFTERWRITE_FLOWER_PASSWORD (or AFTERWRITE_FLOWER_UNAUTHENTICATED=true)",
+        )
+    expected = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}".encode()
+    supplied = b"" if given is None else f"{given.username}:{given.password}".encode()
+    if not hmac.compare_digest(supplied, expected):
+        raise HTTPException(
+            401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="afterwrite"'}
+        )
 
 
 def _add_timing(app: FastAPI, timings: Timings) -> None:

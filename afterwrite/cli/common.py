@@ -1,5 +1,6 @@
 """What every command shares: the console, settings with the application's kinds, failing,
-and :func:`safe` for every stored value printed through rich.
+:func:`safe` for every stored value printed through rich, and the one message for a database
+without afterwrite's schema.
 
 Imported by each command module; imports none of them, so the command modules form no cycle.
 """
@@ -50,6 +51,12 @@ def safe(value: object) -> str:
     return escape(printable(value))
 
 
+EXIT_SETUP = 2
+"""Exit code of a usage or setup problem (a bad setting, a database that was never migrated)."""
+SCHEMA_MISSING = "the database has no afterwrite schema (or an old one): run `afterwrite migrate`"
+"""What every command says, in one line, when the tables it needs are not there."""
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``afterwrite: message`` to stderr and exit with ``code`` (2: usage or setup)."""
     click.echo(f"afterwrite: {message}", err=True)
@@ -77,3 +84,67 @@ def db(settings: Settings) -> Any:
         return psycopg.connect(settings.require_database_url(), autocommit=True)
     except SettingsError as exc:
         fail(str(exc))
+
+
+# --- a database without afterwrite's schema ---------------------------------------------------
+def is_schema_error(exc: BaseException) -> bool:
+    """``exc`` (or what it wraps: SQLAlchemy's ``orig``, a cause) is PostgreSQL saying a table
+    or column afterwrite uses does not exist: the schema was never migrated, or is older than
+    this code."""
+    import psycopg.errors
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+            return True
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return False
+
+
+def missing_tables(conn: Any) -> list[str]:
+    """The tables afterwrite and the registered kinds need (and Alembic's version table) that
+    the database behind ``conn`` (psycopg) lacks."""
+    from afterwrite.models import Base, kinds
+
+    names = sorted({"alembic_version", *Base.metadata.tables, *(k.table.fullname for k in kinds)})
+    rows = conn.execute(
+        "SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NULL ORDER BY n", (names,)
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def require_schema(settings: Settings) -> None:
+    """Exit 2 with :data:`SCHEMA_MISSING` when afterwrite's tables are not all there. A
+    database that cannot be reached is left to the command, which reports it its own way."""
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            settings.require_database_url(), autocommit=True, connect_timeout=5
+        ) as conn:
+            missing = missing_tables(conn)
+    except SettingsError as exc:
+        fail(str(exc))
+    except psycopg.OperationalError:
+        return
+    if missing:
+        fail(SCHEMA_MISSING, EXIT_SETUP)
+
+
+class Group(click.Group):
+    """The ``afterwrite`` group: a command that meets a missing table or column prints
+    :data:`SCHEMA_MISSING` and exits 2, instead of a traceback. Sub-groups (``dlq``,
+    ``index``) run inside this one's ``invoke``, so one place covers every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if is_schema_error(exc):
+                fail(SCHEMA_MISSING, EXIT_SETUP)
+            raise

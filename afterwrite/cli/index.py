@@ -7,12 +7,13 @@ afterwrite.cli.common.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, console, fail, safe
+from afterwrite.cli.common import cli_settings, console, fail, printable, require_schema, safe
 
 _STAGES = {"read": "reading vectors", "build": "building", "check": "recall check",
            "write": "writing"}  # fmt: skip
@@ -30,8 +31,10 @@ def index_status(collection: str | None, as_json: bool) -> None:
     """Published version, kept versions, delta and recent builds per collection."""
     from afterwrite.worker.index import jobs
 
+    settings = cli_settings()
+    require_schema(settings)  # without embeddings it would print an empty table
     try:
-        rows = jobs.status(cli_settings(), collection)
+        rows = jobs.status(settings, collection)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
@@ -86,7 +89,12 @@ def _ago(ts: float | None) -> str:
 @click.option("--force", is_flag=True, help="Build even when unchanged (and clear a rollback pin).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def index_rebuild(collection: str, force: bool, as_json: bool) -> None:
-    """Build COLLECTION's index now (with a progress bar) and publish it."""
+    """Build COLLECTION's index now (with a progress bar) and publish it.
+
+    Exit codes: 0 published, 1 nothing published (the reason is printed: no live vectors,
+    unchanged since the published build, recall below the floor, pinned by a rollback, …),
+    2 bad configuration.
+    """
     from afterwrite.worker.index import jobs
 
     settings = cli_settings()
@@ -111,10 +119,11 @@ def index_rebuild(collection: str, force: bool, as_json: bool) -> None:
             fail(str(exc))
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
+        if report.get("skipped"):
+            raise SystemExit(1)
         return
-    if report.get("skipped"):
-        console.print(f"[yellow]{safe(collection)}: not published[/]: {safe(report['why'])}")
-        raise SystemExit(1 if report.get("status") == "rejected" else 0)
+    if report.get("skipped"):  # no live vectors, unchanged, rejected, pinned, another builder
+        fail(printable(f"{collection}: not published: {report['why']}"), code=1)
     t = report["timings"]
     console.print(
         f"{safe(collection)}: v{report['version']} published, {report['vector_count']:,} vectors, "
@@ -144,7 +153,11 @@ def index_rollback(collection: str, to_version: int | None) -> None:
 @click.option("-k", "k", type=click.IntRange(min=1, max=1000), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def search(collection: str, query: str, k: int, as_json: bool) -> None:
-    """Search COLLECTION's published index for QUERY (text, embedded with its model)."""
+    """Search COLLECTION's published index for QUERY (text, embedded with its model).
+
+    Prints each hit's id, score, and its text and metadata as stored in PostgreSQL now
+    (``embeddings``; left out when no database is configured or reachable).
+    """
     from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 
     settings = cli_settings()
@@ -153,13 +166,57 @@ def search(collection: str, query: str, k: int, as_json: bool) -> None:
         hits = reader.search(query, k)
     except (IndexUnavailable, ValueError) as exc:
         fail(str(exc), code=1)
+    docs = _documents(settings, collection, [doc for doc, _ in hits])
+    unknown = {"text": None, "metadata": None}
+    rows = [
+        {"doc_id": doc, "score": score, **(docs or {}).get(doc, unknown)} for doc, score in hits
+    ]
     if as_json:
-        click.echo(json.dumps({"version": reader.version, "hits": hits}))
+        click.echo(json.dumps({"version": reader.version, "hits": rows}, ensure_ascii=False))
         return
     table = Table(title=f"{safe(collection)} v{reader.version}: {safe(repr(query))}")
     table.add_column("#", justify="right")
     table.add_column("doc_id")
     table.add_column("score", justify="right")
-    for i, (doc, score) in enumerate(hits, 1):
-        table.add_row(str(i), safe(doc), f"{score:.4f}")
+    if docs is not None:
+        table.add_column("text", overflow="fold")
+        table.add_column("metadata", overflow="fold")
+    for i, row in enumerate(rows, 1):
+        cells = [str(i), safe(row["doc_id"]), f"{row['score']:.4f}"]
+        if docs is not None:
+            meta = row["metadata"]
+            cells += [
+                safe(_one_line(row["text"] or "-", 200)),
+                "-" if meta is None else safe(_one_line(json.dumps(meta), 120)),
+            ]
+        table.add_row(*cells)
     console.print(table)
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _documents(
+    settings: Any, collection: str, doc_ids: list[str]
+) -> dict[str, dict[str, Any]] | None:
+    """Text and metadata of ``doc_ids`` from ``embeddings`` (the index holds only ids); None
+    when no database is configured or it cannot be read (the hits are still shown)."""
+    if not settings.database_url:
+        return None
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            settings.require_database_url(), autocommit=True, connect_timeout=5
+        ) as conn:
+            found = conn.execute(
+                "SELECT doc_id, text, metadata FROM embeddings"
+                " WHERE collection = %s AND doc_id = ANY(%s) AND NOT deleted",
+                (collection, doc_ids),
+            ).fetchall()
+    except psycopg.Error as exc:
+        click.echo(f"afterwrite: texts not shown: {str(exc).strip()}", err=True)
+        return None
+    return {str(d): {"text": text, "metadata": meta} for d, text, meta in found}

@@ -14,7 +14,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, console, db, fail, printable, printable_json, safe
+from afterwrite.cli.common import (
+    Group,
+    cli_settings,
+    console,
+    db,
+    fail,
+    printable,
+    printable_json,
+    require_schema,
+    safe,
+)
 from afterwrite.cli.embeddings import embeddings_cmd
 from afterwrite.cli.index import index, search
 from afterwrite.cli.observe import health, metrics_server
@@ -33,7 +43,7 @@ def _celery(argv: list[str]) -> None:
     app.start(argv=argv)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="afterwrite")
 def main() -> None:
     """afterwrite: write-behind persistence for AI backends.
@@ -135,8 +145,11 @@ def status(as_json: bool) -> None:
     from afterwrite.cli.observe import status_tables
     from afterwrite.worker.operations.status import collect
 
+    settings = cli_settings()
+    if settings.database_url:  # it reads tables that would otherwise show as "0 rows"
+        require_schema(settings)
     try:
-        report = collect(cli_settings())
+        report = collect(settings)
     except SettingsError as exc:
         fail(str(exc))
     if as_json:

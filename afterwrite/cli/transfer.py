@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from afterwrite.cli.common import cli_settings, fail
+from afterwrite.cli.common import EXIT_SETUP, SCHEMA_MISSING, cli_settings, fail, is_schema_error
 from afterwrite.core.errors import SettingsError
 
 if TYPE_CHECKING:
@@ -126,6 +126,8 @@ def export_cmd(kind: str, since: str | None, until: str | None, output: Path | N
         except BrokenPipeError:
             _quiet_exit_on_closed_stdout()
         except (TransferError, psycopg.Error, OSError) as exc:
+            if is_schema_error(exc):
+                fail(SCHEMA_MISSING, EXIT_SETUP)
             fail(str(exc).strip(), code=1)
     where = f" to {output}" if output is not None else ""
     elapsed_s = time.monotonic() - started
@@ -229,6 +231,8 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
                 max_line_bytes=settings.import_max_line_bytes,
             )
         except (TransferError, psycopg.Error, OSError) as exc:
+            if is_schema_error(exc):
+                fail(SCHEMA_MISSING, EXIT_SETUP)
             fail(str(exc).strip(), code=1)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))

@@ -74,11 +74,12 @@ METRICS: tuple[MetricSpec, ...] = (
     # freshness
     _g(
         "afterwrite_freshness_seconds",
-        "End-to-end freshness over the last hour: quantiles of enqueue_to_committed (per "
-        "kind), committed_to_embedded and embedded_to_searchable (per collection).",
+        "End-to-end freshness over the last hour: percentiles (stat p50, p90, p99) of "
+        "enqueue_to_committed (per kind), committed_to_embedded and embedded_to_searchable "
+        "(per collection).",
         "stage",
         "scope",
-        "quantile",
+        "stat",
     ),
     _g(
         "afterwrite_freshness_samples",

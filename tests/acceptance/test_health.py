@@ -66,4 +66,5 @@ def test_health_passes_with_a_worker_and_fails_without(
         "worker": False,
         "backlog": True,
         "problems": True,
+        "schema": True,
     }

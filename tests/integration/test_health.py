@@ -36,7 +36,13 @@ def test_healthy_without_the_worker_check(env: dict[str, str]) -> None:
     assert result.exit_code == EXIT_HEALTHY, result.output
     report = json.loads(result.output)
     assert report["ok"] is True
-    assert _checks(report) == {"redis": True, "postgres": True, "backlog": True, "problems": True}
+    assert _checks(report) == {
+        "redis": True,
+        "postgres": True,
+        "backlog": True,
+        "problems": True,
+        "schema": True,
+    }
     assert all(c["duration_s"] < 5 for c in report["checks"])
 
     human = CliRunner().invoke(health, ["--no-worker"])
@@ -56,6 +62,7 @@ def test_no_worker_answering_is_unhealthy(env: dict[str, str]) -> None:
         "worker": False,
         "backlog": True,
         "problems": True,
+        "schema": True,
     }
     (worker,) = [c for c in report["checks"] if c["name"] == "worker"]
     assert "no worker answered" in worker["detail"]

@@ -88,9 +88,9 @@ def test_backlog_gauge_follows_a_known_backlog(
             "afterwrite_freshness_seconds",
             stage="enqueue_to_committed",
             scope="query",
-            quantile=q,
+            stat=q,
         )
-        for q in ("0.5", "0.9", "0.99")
+        for q in ("p50", "p90", "p99")
     ]
     assert all(q is not None for q in quantiles)
     assert quantiles == sorted(quantiles)  # type: ignore[type-var]

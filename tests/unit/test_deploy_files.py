@@ -30,8 +30,8 @@ PROCFILE = ROOT / "Procfile"
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = ROOT / "pyproject.toml"
 
-# Procfile process -> compose service running the same command (default: the same name).
-PROCFILE_SERVICE = {"release": "migrate"}
+# A Procfile line may run steps joined by `&&` (the worker migrates first); each step is the
+# command of the compose service of that name (the last one: the process's own service).
 AFTERWRITE_SERVICES = ("migrate", "worker", "beat", "flower", "metrics", "web")
 # ${VAR}, ${VAR:-default}, ${VAR:?error}, $VAR
 VARIABLE = re.compile(r"\$(?:\{(?P<braced>\w+)(?::?[-?][^}]*)?\}|(?P<bare>\w+))")
@@ -65,6 +65,17 @@ def _argv(command: str | list[str]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
 
 
+def _steps(command: str) -> list[list[str]]:
+    """A Procfile command's steps (``a && exec b``), each without its ``exec``."""
+    steps: list[list[str]] = [[]]
+    for arg in shlex.split(command):
+        if arg == "&&":
+            steps.append([])
+        else:
+            steps[-1].append(arg)
+    return [step[1:] if step[:1] == ["exec"] else step for step in steps]
+
+
 def _environment(service: Mapping[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
@@ -77,6 +88,9 @@ def _expand(argv: list[str], env: Mapping[str, str]) -> list[str]:
 
     def one(match: re.Match[str]) -> str:
         name = match.group("braced") or match.group("bare")
+        default = re.fullmatch(r"\$\{\w+:-(.*)\}", match.group(0))
+        if name not in env and default:
+            return default.group(1)
         assert name in env, f"{name} is used but the compose service does not set it"
         return env[name]
 
@@ -102,7 +116,8 @@ def _all_commands() -> Iterator[tuple[str, list[str]]]:
         if "build" in service:
             yield f"compose service {name}", _argv(service["command"])
     for name, command in _procfile().items():
-        yield f"Procfile process {name}", _argv(command)
+        for step in _steps(command):
+            yield f"Procfile process {name}", step
     yield "Dockerfile CMD", _dockerfile_cmd()
 
 
@@ -150,13 +165,27 @@ def _dockerfile_extras() -> list[str]:
 def test_every_procfile_process_runs_the_same_command_as_its_compose_service() -> None:
     services = _services()
     processes = _procfile()
-    assert {"web", "worker", "beat", "flower", "release"} <= processes.keys()
+    assert {"web", "worker", "beat", "flower", "metrics"} <= processes.keys()
     for name, command in processes.items():
-        service_name = PROCFILE_SERVICE.get(name, name)
-        assert service_name in services, f"Procfile {name!r} has no compose service"
-        service = services[service_name]
-        expected = _expand(_argv(command), _environment(service))
-        assert _argv(service["command"]) == expected, f"Procfile {name!r} != {service_name!r}"
+        *before, last = _steps(command)
+        for step, service_name in [*((s, s[1]) for s in before), (last, name)]:
+            assert service_name in services, f"Procfile {name!r}: no compose {service_name!r}"
+            service = services[service_name]
+            expected = _expand(step, _environment(service))
+            assert _argv(service["command"]) == expected, f"Procfile {name!r} != {service_name!r}"
+
+
+def test_every_procfile_line_is_a_long_running_process() -> None:
+    """honcho and foreman run every line as a process and stop them all when one exits: a
+    `release: afterwrite migrate` line tore the others down. The worker migrates first
+    (concurrent migrations wait on an advisory lock) and then becomes the worker (exec, so
+    the runner's SIGTERM reaches Celery for its warm shutdown)."""
+    processes = _procfile()
+    assert "release" not in processes
+    assert _steps(processes["worker"]) == [["afterwrite", "migrate"], ["afterwrite", "worker"]]
+    assert " && exec afterwrite worker" in processes["worker"]
+    for name, command in processes.items():
+        assert "migrate" not in _steps(command)[-1], f"{name} ends when its command is done"
 
 
 def test_every_afterwrite_subcommand_exists_in_the_cli() -> None:
@@ -238,10 +267,11 @@ def test_services_built_from_the_image_are_the_expected_ones() -> None:
 
 def test_afterwrite_services_share_the_environment_and_it_is_valid() -> None:
     shared = _compose()["x-afterwrite-env"]
+    # passwords from the environment / .env, never written in the file
     assert shared["AFTERWRITE_DATABASE_URL"] == (
-        "postgresql://afterwrite:afterwrite@postgres:5432/afterwrite"
+        "postgresql://afterwrite:${POSTGRES_PASSWORD:-}@postgres:5432/afterwrite"
     )
-    assert shared["AFTERWRITE_REDIS_URL"] == "redis://redis:6379/0"
+    assert shared["AFTERWRITE_REDIS_URL"] == "redis://:${REDIS_PASSWORD:-}@redis:6379/0"
     services = _services()
     for name in AFTERWRITE_SERVICES:
         env = _environment(services[name])
@@ -253,15 +283,66 @@ def test_afterwrite_services_share_the_environment_and_it_is_valid() -> None:
         load_settings(concrete)
 
 
-def test_redis_keeps_unconsumed_entries() -> None:
+def _redis_server_argv(command: str | list[str]) -> list[str]:
+    """redis-server's arguments, also when a shell checks the password first (``$$`` is
+    compose's escape of ``$``)."""
+    argv = _argv(command)
+    if argv[:2] == ["sh", "-c"]:
+        argv = shlex.split(argv[2].replace("$$", "$"))
+    return argv[argv.index("redis-server") + 1 :]
+
+
+def test_redis_keeps_unconsumed_entries_and_asks_for_a_password() -> None:
     redis = _services()["redis"]
-    argv = _argv(redis["command"])
-    assert argv[0] == "redis-server"
-    pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
+    argv = _redis_server_argv(redis["command"])
+    pairs = dict(zip(argv[::2], argv[1::2], strict=False))
     assert pairs.get("--appendonly") == "yes"
     assert pairs.get("--maxmemory-policy") == "noeviction"
+    assert pairs.get("--requirepass") == "$REDIS_PASSWORD"
+    script = _argv(redis["command"])[2]
+    # an empty password would mean no authentication: the container refuses instead
+    assert script.startswith('test -n "$$REDIS_PASSWORD" || {')
+    # the image's entrypoint runs redis-server as the redis user, not root
+    assert "exec docker-entrypoint.sh redis-server" in script
+    env = _environment(redis)
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == "${REDIS_PASSWORD:-}"
     assert "redis-cli" in _argv(redis["healthcheck"]["test"])
     assert "ping" in _argv(redis["healthcheck"]["test"])
+
+
+def test_no_secret_is_written_in_the_compose_file_or_required_by_every_command() -> None:
+    """${VAR:?} is interpolated for every compose command (config, ps, down): none here."""
+    lines = COMPOSE.read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    assert ":?" not in text
+    assert _environment(_services()["postgres"])["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
+    for name in ("flower", "metrics", "web"):
+        env = _environment(_services()[name])
+        assert env["AFTERWRITE_FLOWER_PASSWORD"] == "${AFTERWRITE_FLOWER_PASSWORD:-}", name
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    used = {m.group("braced") or m.group("bare") for m in VARIABLE.finditer(text)}
+    used -= {"REDIS_PASSWORD"} if "$$REDIS_PASSWORD" in text else set()
+    used.discard(None)
+    assert used <= set(example), f".env.example does not document {used - set(example)}"
+
+
+def test_the_web_apps_spill_journal_is_on_a_named_volume() -> None:
+    """Entries promised as `spilled` must survive a recreated container."""
+    web = _services()["web"]
+    data_dir = re.search(r"AFTERWRITE_DATA_DIR=(\S+)", DOCKERFILE.read_text())
+    assert data_dir is not None
+    spill = f"{data_dir.group(1)}/spill"
+    env = _environment(web)
+    assert "AFTERWRITE_SPILL_DIR" not in env  # the default: <data dir>/spill
+    mounts = [v for v in web["volumes"] if v.split(":")[1] == spill]
+    assert mounts, f"web keeps {spill} in the container"
+    assert mounts[0].split(":")[0] in (_compose().get("volumes") or {})
+    assert not mounts[0].endswith(":ro")
+    assert re.search(rf"mkdir -p .*{spill}\b", DOCKERFILE.read_text())
 
 
 def test_postgres_has_a_readiness_check_and_volumes_persist() -> None:
@@ -277,9 +358,11 @@ def test_postgres_has_a_readiness_check_and_volumes_persist() -> None:
 
 @pytest.mark.parametrize(("name", "port"), [("flower", "5555"), ("metrics", "9808")])
 def test_monitoring_endpoints_refuse_to_start_without_a_password(name: str, port: str) -> None:
+    """No password in the file; without one the command itself refuses to start (tested in
+    test_cli / test_prometheus), so compose does not need ${…:?}."""
     service = _services()[name]
     env = _environment(service)
-    assert env["AFTERWRITE_FLOWER_PASSWORD"].startswith("${AFTERWRITE_FLOWER_PASSWORD:?")
+    assert env["AFTERWRITE_FLOWER_PASSWORD"] == "${AFTERWRITE_FLOWER_PASSWORD:-}"
     assert env.get("AFTERWRITE_FLOWER_USER")
     assert "AFTERWRITE_FLOWER_UNAUTHENTICATED" not in env
     assert "--unauthenticated" not in _argv(service["command"])

@@ -176,7 +176,7 @@ def _add_freshness(out: Families, freshness: Iterable[Distribution]) -> None:
     for d in freshness:
         for q, value in d.quantiles().items():
             if value is not None:
-                out.add("afterwrite_freshness_seconds", [d.stage, d.scope, str(q)], value)
+                out.add("afterwrite_freshness_seconds", [d.stage, d.scope, _stat(q)], value)
         out.add("afterwrite_freshness_samples", [d.stage, d.scope], d.samples)
         if d.max_s is not None:
             out.add("afterwrite_freshness_max_seconds", [d.stage, d.scope], d.max_s)
@@ -185,6 +185,13 @@ def _add_freshness(out: Families, freshness: Iterable[Distribution]) -> None:
             out.add(
                 "afterwrite_unsearchable_oldest_age_seconds", [d.scope], d.oldest_waiting_s or 0
             )
+
+
+def _stat(q: float) -> str:
+    """``p50``, ``p90``, ``p99`` for 0.5, 0.9, 0.99: the label value of a percentile. Not a
+    ``quantile`` label: Prometheus reserves that for summaries (promtool rejects it on a gauge).
+    """
+    return f"p{round(q * 100):g}"
 
 
 def _add_indexes(out: Families, indexes: Iterable[IndexStatus]) -> None:

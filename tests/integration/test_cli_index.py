@@ -1,0 +1,100 @@
+"""``afterwrite index rebuild`` exit codes and ``afterwrite search`` output, against the real
+services and the offline embedding model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from afterwrite.cli.main import main
+from afterwrite.core.settings import Settings
+from tests.index_helpers import add, random_unit
+
+
+@pytest.fixture
+def env(
+    base_env: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    for key in [k for k in os.environ if k.startswith("AFTERWRITE_")]:
+        monkeypatch.delenv(key)
+    for key, value in base_env.items():
+        if key.startswith("AFTERWRITE_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AFTERWRITE_INDEX_DIR", str(settings.index_path))
+    return base_env
+
+
+def test_rebuild_exits_1_with_the_reason_when_nothing_is_published(
+    env: dict[str, str], settings: Settings, pg: psycopg.Connection[Any]
+) -> None:
+    empty = CliRunner().invoke(main, ["index", "rebuild", "nothing"])
+    assert empty.exit_code == 1, empty.output
+    assert "nothing: not published: no live vectors" in empty.stderr
+    as_json = CliRunner().invoke(main, ["index", "rebuild", "nothing", "--json"])
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout)["why"] == "no live vectors"
+
+    add(pg, "docs", random_unit(40, 384), model=settings.collection_model("docs"))
+    built = CliRunner().invoke(main, ["index", "rebuild", "docs"])
+    assert built.exit_code == 0, built.output
+    assert "docs: v1 published, 40 vectors" in built.stdout
+
+    again = CliRunner().invoke(main, ["index", "rebuild", "docs"])
+    assert again.exit_code == 1
+    assert "docs: not published: unchanged since the published build" in again.stderr
+    assert CliRunner().invoke(main, ["index", "rebuild", "docs", "--force"]).exit_code == 0
+
+
+def _texts(pg: psycopg.Connection[Any], doc_ids: list[str]) -> None:
+    for i, doc in enumerate(doc_ids):
+        pg.execute(
+            "UPDATE embeddings SET text = %s, metadata = %s WHERE collection = 'docs' "
+            "AND doc_id = %s",
+            (f"the text of document {i}", json.dumps({"source": f"wiki/{i}"}), doc),
+        )
+
+
+def test_search_shows_each_hits_text_and_metadata(
+    env: dict[str, str], settings: Settings, pg: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    doc_ids = add(pg, "docs", random_unit(30, 384), model=settings.collection_model("docs"))
+    _texts(pg, doc_ids)
+    assert CliRunner().invoke(main, ["index", "rebuild", "docs"]).exit_code == 0
+
+    result = CliRunner().invoke(main, ["search", "docs", "what is in the documents?", "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "the text of document" in result.stdout
+    assert "wiki/" in result.stdout
+
+    as_json = CliRunner().invoke(main, ["search", "docs", "documents", "-k", "5", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    assert report["version"] == 1
+    assert len(report["hits"]) == 5
+    by_id = {doc: i for i, doc in enumerate(doc_ids)}
+    for hit in report["hits"]:
+        i = by_id[hit["doc_id"]]
+        assert hit["text"] == f"the text of document {i}"
+        assert hit["metadata"] == {"source": f"wiki/{i}"}
+        assert isinstance(hit["score"], float)
+    scores = [h["score"] for h in report["hits"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_search_without_a_database_still_shows_ids_and_scores(
+    env: dict[str, str], settings: Settings, pg: psycopg.Connection[Any], monkeypatch: Any
+) -> None:
+    add(pg, "docs", random_unit(20, 384), model=settings.collection_model("docs"))
+    assert CliRunner().invoke(main, ["index", "rebuild", "docs"]).exit_code == 0
+    monkeypatch.delenv("AFTERWRITE_DATABASE_URL")
+    result = CliRunner().invoke(main, ["search", "docs", "anything", "-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)["hits"]
+    assert [set(h) for h in hits] == [{"doc_id", "score", "text", "metadata"}] * 2
+    assert all(h["text"] is None for h in hits)
