@@ -284,7 +284,6 @@ def measure_drain(b: Bench, backlog: Backlog, count: int, label: str) -> dict[st
     b.reset_redis()
     preload_s = _preload(b, payloads)
     env = worker_env(b.settings)
-    (b.log_dir / "celerybeat-schedule").unlink(missing_ok=True)
     started: list[processes.Process] = []
     try:
         worker = processes.start_worker(

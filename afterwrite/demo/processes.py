@@ -18,7 +18,15 @@ from pathlib import Path
 class Process:
     """One child process with its log file; stop() is idempotent."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log: Path,
+        *,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +34,7 @@ class Process:
         self.proc = subprocess.Popen(
             list(argv),
             env=dict(env),
+            cwd=cwd,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -97,7 +106,5 @@ def start_worker(
 
 
 def start_beat(env: Mapping[str, str], log_dir: Path, *, loglevel: str = "WARNING") -> Process:
-    argv = celery_argv(
-        "beat", "--loglevel", loglevel, "--schedule", str(log_dir / "celerybeat-schedule")
-    )
+    argv = celery_argv("beat", "--loglevel", loglevel)
     return Process("beat", argv, env, log_dir / "beat.log")

@@ -24,6 +24,7 @@ from afterwrite.core.kinds import import_kind_modules
 from afterwrite.core.settings import Settings, load_settings
 from afterwrite.models.registry import kinds
 from afterwrite.worker import shutdown
+from afterwrite.worker.beat import NAME as BEAT_SCHEDULER
 from afterwrite.worker.broker import NAME as BROKER_TRANSPORT
 from afterwrite.worker.embedding.stage import embed_time_limit_s
 from afterwrite.worker.operations.retention import retention_days
@@ -72,6 +73,10 @@ def _frequent_expiry_s(every_s: float) -> float:
     return max(5.0, 5 * every_s)
 
 
+BEAT_LOCK_TIMEOUT_S = 30
+"""A beat that stopped refreshing its lock this long ago is dead: another one takes over."""
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     s = settings
     schedule: dict[str, Any] = {}
@@ -93,6 +98,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         expires_s=_frequent_expiry_s(s.index_refresh_interval_s),
     )
     embed_limit_s = embed_time_limit_s(settings)
+    broker_is_redis = urlsplit(s.celery_broker_url).scheme in ("redis", "rediss", "unix")
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -122,6 +128,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "beat_schedule": schedule,
+        # Beat keeps its state in Redis as JSON (celery-redbeat), not in a shelve file: Celery's
+        # default scheduler unpickles that file, so whoever could write it (it sat in /tmp)
+        # could run code as beat. RedBeat also holds a lock: a second beat waits and takes over
+        # within redbeat_lock_timeout of the first one's death, instead of doubling every kick.
+        "beat_scheduler": BEAT_SCHEDULER,
+        "redbeat_redis_url": s.celery_broker_url if broker_is_redis else s.require_redis_url(),
+        "redbeat_key_prefix": f"{s.stream_prefix}:beat",
+        "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT_S,
+        "beat_max_loop_interval": BEAT_LOCK_TIMEOUT_S / 5,
     }
     broker = urlsplit(settings.celery_broker_url)
     if broker.scheme in ("redis", "rediss"):

@@ -20,6 +20,9 @@ def test_json_only_and_a_schedule_per_kind() -> None:
     # kicks are taken once, not tracked: nothing for a full Redis to refuse on receipt or ack
     assert config["broker_transport_options"]["ack_emulation"] is False
     assert config["broker_transport"] == "afterwrite.worker.broker:Transport"
+    # beat's state as JSON in Redis, under the pipeline's prefix, never a pickle file
+    assert config["beat_scheduler"] == "afterwrite.worker.beat:Scheduler"
+    assert config["redbeat_key_prefix"] == "afterwrite:beat"
 
 
 def test_tls_broker_verifies_certificates() -> None:
