@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     """At most this many drains read one stream at the same time."""
     batch_timeout_s: PositiveFloat = 30.0
     """PostgreSQL statement timeout for one batch's writes."""
+    consumer_idle_forget_s: PositiveFloat = 600.0
+    """A stream consumer with nothing pending and idle this long (a stopped or replaced worker
+    process) is removed by the reclaim task, so ``status`` counts live consumers."""
     reclaim_idle_s: PositiveFloat = 120.0
     """Pending entries idle this long belong to a dead consumer and are reclaimed."""
     reclaim_interval_s: PositiveFloat = 15.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -29,9 +30,22 @@ from afterwrite.worker.shutdown import Shutdown
 log = logging.getLogger("afterwrite.runtime")
 
 
+_instance: tuple[int, str] | None = None
+
+
 def consumer_name() -> str:
-    """This process's consumer name in every stream's group: unique per live process."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's consumer name in every stream's group: ``host:instance:pid``.
+
+    Host and pid alone are not unique: two containers of one image both run their worker as
+    pid 1 or 7 under the same hostname, and shared one consumer (10,000 entries were
+    processed twice). A random instance id, made once per process (again after a fork), is.
+    The pid stays last, for operators and tests that look for the process holding a batch.
+    """
+    global _instance  # noqa: PLW0603  (one per process)
+    pid = os.getpid()
+    if _instance is None or _instance[0] != pid:
+        _instance = (pid, secrets.token_hex(4))
+    return f"{socket.gethostname()}:{_instance[1]}:{pid}"
 
 
 def worker_redis(url: str) -> redis.Redis:

@@ -37,7 +37,7 @@ def _preload(rdb: redis.Redis, settings: Settings, count: int) -> None:
 
 
 def _batch_holder(rdb: redis.Redis, key: str, group: str) -> int | None:
-    """The pid of the consumer with entries pending (consumer names are ``host:pid``)."""
+    """The pid of the consumer with entries pending (consumer names end in ``:pid``)."""
     for consumer in rdb.xpending(key, group)["consumers"]:
         if int(consumer["pending"]) > 0:
             name = consumer["name"]

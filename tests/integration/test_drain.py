@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -303,3 +306,30 @@ def test_a_vanished_group_is_created_again_and_nothing_is_lost(
     assert report.inserted == 4, report
     assert set(_rows(pg)) == {str(r) for r in first + later}
     assert drain.reclaim().entries == 0  # a reclaim on the new group finds nothing and fails not
+
+
+def test_consumer_names_are_unique_per_process_and_idle_ones_are_forgotten(
+    client: Client, runtime: Runtime, rdb: redis.Redis, settings: Settings
+) -> None:
+    from afterwrite.worker.runtime import consumer_name
+
+    name = consumer_name()
+    host, instance, pid = name.split(":")
+    assert host == socket.gethostname()
+    assert int(pid) == os.getpid()
+    assert len(instance) == 8
+    assert consumer_name() == name  # stable within the process
+    drain = runtime.drain("query")
+    key, group = drain.stream.key, settings.consumer_group
+    # Two stopped workers: one left nothing pending, one left an entry (a reclaim's business)
+    client.record_query("left by a dead worker")
+    client.record_query("stored by the other")
+    rdb.xreadgroup(group, "old-host:aaaa:7", {key: ">"}, count=1)
+    ((_, [(done, _)]),) = rdb.xreadgroup(group, "old-host:bbbb:7", {key: ">"}, count=1)
+    rdb.xack(key, group, done)
+    time.sleep(0.05)
+    forgotten = drain.stream.forget_idle_consumers(idle_ms=10)
+    assert forgotten == ["old-host:bbbb:7"]
+    names = {c["name"] for c in rdb.xinfo_consumers(key, group)}
+    assert b"old-host:aaaa:7" in names  # its pending entry is not dropped
+    assert b"old-host:bbbb:7" not in names

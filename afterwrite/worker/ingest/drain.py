@@ -327,6 +327,15 @@ class KindDrain:
             claimed = self.stream.claim([p], min_idle_ms)
             if claimed:
                 report.add(self.process(claimed))
+        gone = self.stream.forget_idle_consumers(int(self.settings.consumer_idle_forget_s * 1000))
+        if gone:
+            log.info(
+                "removed %d idle %s consumer(s) with nothing pending: %s",
+                len(gone),
+                self.kind.name,
+                ", ".join(gone),
+                extra={"action": "forget_consumers", "kind": self.kind.name},
+            )
         report.duration_s = self._clock() - started
         return report
 

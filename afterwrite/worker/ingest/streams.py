@@ -38,6 +38,15 @@ def _entries(raw: Sequence[Any], deliveries: dict[str, int] | None = None) -> li
     return out
 
 
+_DELETE_IF_IDLE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def is_missing_group(exc: redis.ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
@@ -121,6 +130,26 @@ class Stream:
         """The stream's ``count`` newest entries, whoever holds them (XREVRANGE: no delivery)."""
         raw: Any = self.conn.xrevrange(self.key, "+", "-", count=count)
         return _entries(raw)
+
+    def forget_idle_consumers(self, idle_ms: int) -> list[str]:
+        """Delete the group's consumers that hold nothing and were idle longer than
+        ``idle_ms``: workers that stopped or were replaced. A live consumer reads every few
+        seconds (its idle time resets), and one deleted anyway is recreated by its next read."""
+        try:
+            consumers: Any = self.conn.xinfo_consumers(self.key, self.group)
+        except redis.ResponseError as exc:
+            if is_missing_group(exc):
+                return []
+            raise
+        gone = []
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            idle = int(c["pending"]) == 0 and int(c["idle"]) > idle_ms and name != self.consumer
+            # Checked again in one script with the deletion: DELCONSUMER drops a consumer's
+            # pending entries for good, and it may have read in between.
+            if idle and self.conn.eval(_DELETE_IF_IDLE, 1, self.key, self.group, name):
+                gone.append(name)
+        return gone
 
     def ack(self, ids: Sequence[str]) -> None:
         """Acknowledge and delete ``ids`` in one round trip (only after their batch committed)."""
