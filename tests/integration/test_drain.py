@@ -325,8 +325,8 @@ def test_consumer_names_are_unique_per_process_and_idle_ones_are_forgotten(
     client.record_query("left by a dead worker")
     client.record_query("stored by the other")
     rdb.xreadgroup(group, "old-host:aaaa:7", {key: ">"}, count=1)
-    ((_, [(done, _)]),) = rdb.xreadgroup(group, "old-host:bbbb:7", {key: ">"}, count=1)
-    rdb.xack(key, group, done)
+    read: Any = rdb.xreadgroup(group, "old-host:bbbb:7", {key: ">"}, count=1)
+    rdb.xack(key, group, read[0][1][0][0])
     time.sleep(0.05)
     forgotten = drain.stream.forget_idle_consumers(idle_ms=10)
     assert forgotten == ["old-host:bbbb:7"]
