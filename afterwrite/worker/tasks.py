@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -200,13 +201,46 @@ def embed() -> dict[str, Any]:
         if slot is None:
             return {"kind": "embed", "skipped": "all embedding slots busy"}
         with slot:
+            stage = rt.embed_stage()
             try:
-                return rt.embed_stage().run(s.drain_budget_s).as_dict()
+                report = stage.run(s.drain_budget_s).as_dict()
             except Exception:
                 rt.db.discard_if_broken()
                 raise
+            _build_new_collections(rt, stage.touched)
+            stage.touched.clear()
+            return report
 
     return _guarded("embed", "embed", work, backoff="embed")
+
+
+FIRST_BUILD_RESEND_S = 60.0
+
+
+def _build_new_collections(rt: Runtime, touched: set[str]) -> None:
+    """A collection's first vectors start its first build at once: it answers searches within
+    seconds of its first documents, not after the next rebuild tick (up to a minute later).
+    Collections already published get their changes from the refresh task's deltas."""
+    from afterwrite.vectorindex import files
+    from afterwrite.worker.index import publish
+
+    now = time.monotonic()
+    new = [
+        c
+        for c in sorted(touched)
+        if not (publish.collection_dir(rt.settings.index_path, c) / files.MANIFEST).exists()
+        and now - rt.first_builds.get(c, -FIRST_BUILD_RESEND_S) >= FIRST_BUILD_RESEND_S
+    ]
+    if not new:
+        return
+    for c in new:
+        rt.first_builds[c] = now
+    log.info(
+        "first vectors of %s: building the index now",
+        ", ".join(new),
+        extra={"action": "first_build", "collections": new},
+    )
+    index_rebuild.delay()
 
 
 @app.task(name=INDEX_REBUILD_TASK, soft_time_limit=900, time_limit=960)

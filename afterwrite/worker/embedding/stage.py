@@ -256,6 +256,8 @@ class EmbedStage:
         self._cache_conn: psycopg.Connection[Any] | None = None
         self._embedded_now: set[tuple[str, bytes]] = set()
         self._isolated = 0
+        self.touched: set[str] = set()
+        """Collections that got vectors or tombstones since the caller last emptied this."""
 
     def close(self) -> None:
         if self._cache_conn is not None:
@@ -393,6 +395,7 @@ class EmbedStage:
             # in key order: concurrent batches touching the same documents cannot deadlock
             rows.sort(key=lambda r: (r.collection, r.doc_id))
             conn.execute(_UPSERT, _columns(rows))
+            self.touched.update(r.collection for r in rows)
         dead_letters.add(conn, dead)
 
     def _cache_model(self, model: str) -> str:
