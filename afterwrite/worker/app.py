@@ -4,9 +4,11 @@ JSON only (a pickle-typed message is refused, never deserialized). Configuration
 ``AFTERWRITE_*`` variables when Celery first needs it, so importing this module never fails;
 starting a worker with bad settings does, naming the variable.
 
-Tasks move batches, not events: beat kicks each kind's drain every ``drain_interval_s``; the
-drain reads up to ``batch_max_entries`` stream entries per batch and keeps going while there is
-backlog, within ``drain_budget_s``.
+Tasks move batches, not events: beat sends one dispatcher task every ``drain_interval_s``,
+which looks at every stream's length and the work flags in one round trip and sends only the
+drains, embedding runs and index refreshes that have something to do (an idle pipeline runs
+about one task a second, not five). A drain reads up to ``batch_max_entries`` stream entries
+per batch and keeps going while there is backlog, within ``drain_budget_s``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ RETENTION_TASK = "afterwrite.retention"
 EMBED_TASK = "afterwrite.embed"
 INDEX_REBUILD_TASK = "afterwrite.index_rebuild"
 INDEX_REFRESH_TASK = "afterwrite.index_refresh"
+DISPATCH_TASK = "afterwrite.dispatch"
 
 
 def check_kind_settings(settings: Settings) -> None:
@@ -68,7 +71,7 @@ def _periodic(
     return entry
 
 
-def _frequent_expiry_s(every_s: float) -> float:
+def frequent_expiry_s(every_s: float) -> float:
     """Kicks every second or so may wait a few intervals (a busy pool) before they expire."""
     return max(5.0, 5 * every_s)
 
@@ -80,23 +83,14 @@ BEAT_LOCK_TIMEOUT_S = 30
 def celery_config(settings: Settings) -> dict[str, Any]:
     s = settings
     schedule: dict[str, Any] = {}
+    schedule["dispatch"] = _periodic(
+        DISPATCH_TASK, s.drain_interval_s, expires_s=frequent_expiry_s(s.drain_interval_s)
+    )
     for kind in kinds:
         name = (kind.name,)
-        schedule[f"drain:{kind.name}"] = _periodic(
-            DRAIN_TASK, s.drain_interval_s, expires_s=_frequent_expiry_s(s.drain_interval_s),
-            args=name,
-        )  # fmt: skip
         schedule[f"reclaim:{kind.name}"] = _periodic(RECLAIM_TASK, s.reclaim_interval_s, args=name)
     schedule["retention"] = _periodic(RETENTION_TASK, s.retention_interval_s)
-    schedule["embed"] = _periodic(
-        EMBED_TASK, s.embedding_interval_s, expires_s=_frequent_expiry_s(s.embedding_interval_s)
-    )
     schedule["index_rebuild"] = _periodic(INDEX_REBUILD_TASK, s.index_rebuild_interval_s)
-    schedule["index_refresh"] = _periodic(
-        INDEX_REFRESH_TASK,
-        s.index_refresh_interval_s,
-        expires_s=_frequent_expiry_s(s.index_refresh_interval_s),
-    )
     embed_limit_s = embed_time_limit_s(settings)
     broker_is_redis = urlsplit(s.celery_broker_url).scheme in ("redis", "rediss", "unix")
     config: dict[str, Any] = {

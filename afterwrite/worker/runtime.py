@@ -72,6 +72,8 @@ class Runtime:
         self._drains: dict[str, KindDrain] = {}
         self._embed: EmbedStage | None = None
         self._backoffs: dict[str, _Backoff] = {}
+        self.dispatched: dict[str, float] = {}
+        """Task name → when this process's dispatcher last sent it (monotonic)."""
         self.first_builds: dict[str, float] = {}
         """Collection → when this process last asked for its first build (monotonic)."""
         self.shutdown = Shutdown()

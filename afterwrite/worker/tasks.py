@@ -16,10 +16,12 @@ import psycopg
 import redis
 
 from afterwrite.core import kinds as kind_names
-from afterwrite.core import logs
+from afterwrite.core import logs, wire
+from afterwrite.models.embedding import EMBED_KIND
 from afterwrite.models.registry import kinds
-from afterwrite.worker import problems, slots
+from afterwrite.worker import problems, slots, work_flags
 from afterwrite.worker.app import (
+    DISPATCH_TASK,
     DRAIN_TASK,
     EMBED_TASK,
     INDEX_REBUILD_TASK,
@@ -27,6 +29,7 @@ from afterwrite.worker.app import (
     RECLAIM_TASK,
     RETENTION_TASK,
     app,
+    frequent_expiry_s,
 )
 from afterwrite.worker.embedding.stage import embed_time_limit_s
 from afterwrite.worker.errors import Failure, classify
@@ -167,7 +170,10 @@ def drain(kind: str) -> dict[str, Any]:
         if slot is None:
             return {"kind": kind, "skipped": "all drainer slots busy"}
         with slot:
-            return rt.drain(kind).run(s.drain_budget_s).as_dict()
+            report = rt.drain(kind).run(s.drain_budget_s)
+        if kind == EMBED_KIND and report.inserted:
+            work_flags.raise_flag(rt.redis, s.stream_prefix, work_flags.EMBED)
+        return report.as_dict()
 
     return _guarded(kind, "drain", work)
 
@@ -202,14 +208,20 @@ def embed() -> dict[str, Any]:
             return {"kind": "embed", "skipped": "all embedding slots busy"}
         with slot:
             stage = rt.embed_stage()
+            work_flags.take(rt.redis, s.stream_prefix, work_flags.EMBED)
             try:
-                report = stage.run(s.drain_budget_s).as_dict()
+                report = stage.run(s.drain_budget_s)
             except Exception:
+                work_flags.raise_flag(rt.redis, s.stream_prefix, work_flags.EMBED)  # retry it
                 rt.db.discard_if_broken()
                 raise
+            if report.batches:  # the budget may have ended with jobs left: look once more
+                work_flags.raise_flag(rt.redis, s.stream_prefix, work_flags.EMBED)
+            if stage.touched:
+                work_flags.raise_flag(rt.redis, s.stream_prefix, work_flags.INDEX)
             _build_new_collections(rt, stage.touched)
             stage.touched.clear()
-            return report
+            return report.as_dict()
 
     return _guarded("embed", "embed", work, backoff="embed")
 
@@ -260,6 +272,50 @@ def index_refresh() -> dict[str, Any]:
     from afterwrite.worker.index.jobs import refresh_deltas
 
     def work(rt: Runtime) -> dict[str, Any]:
-        return {"kind": "*", "collections": refresh_deltas(rt.settings)}
+        work_flags.take(rt.redis, rt.settings.stream_prefix, work_flags.INDEX)
+        try:
+            return {"kind": "*", "collections": refresh_deltas(rt.settings)}
+        except Exception:
+            work_flags.raise_flag(rt.redis, rt.settings.stream_prefix, work_flags.INDEX)
+            raise
 
     return _guarded("*", "index_refresh", work, backoff="index")
+
+
+DISPATCH_FALLBACK_S = 30.0
+"""Embedding and index refresh run at least this often even without a flag (a flag lost
+with a Redis restart, vectors written by hand)."""
+
+
+@app.task(name=DISPATCH_TASK)
+def dispatch() -> dict[str, Any]:
+    """Send the drains, the embedding run and the index refresh that have work, and nothing
+    else: one round trip reads every stream's length and the work flags. Beat sends this
+    every ``drain_interval_s``; an idle pipeline then runs about one task a second."""
+    rt = _runtime()
+    s = rt.settings
+    names = list(kinds.names())
+    flags = [work_flags.key(s.stream_prefix, w) for w in (work_flags.EMBED, work_flags.INDEX)]
+    try:
+        pipe = rt.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.xlen(wire.stream_key(s.stream_prefix, name))
+        pipe.mget(flags)
+        *lengths, (embed_flag, index_flag) = pipe.execute()
+    except redis.RedisError as exc:
+        return {"error": logs.mask(f"{type(exc).__name__}: {exc}")}
+    now = time.monotonic()
+    sent = [name for name, n in zip(names, lengths, strict=True) if n]
+    for name in sent:
+        drain.apply_async((name,), expires=frequent_expiry_s(s.drain_interval_s))
+    for task, flag, every_s in (
+        (embed, embed_flag, s.embedding_interval_s),
+        (index_refresh, index_flag, s.index_refresh_interval_s),
+    ):
+        last = rt.dispatched.get(task.name, -1e18)
+        due = flag is not None or now - last >= DISPATCH_FALLBACK_S
+        if due and now - last >= every_s:
+            rt.dispatched[task.name] = now
+            task.apply_async(expires=frequent_expiry_s(every_s))
+            sent.append(task.name)
+    return {"sent": sent}

@@ -21,7 +21,13 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.acceptance
 
-SENDING = r"Sending due task drain:query"
+SENDING = r"Sending due task dispatch"
+
+
+@pytest.fixture
+def beat_env(base_env: dict[str, str]) -> dict[str, str]:
+    # beat says "Sending due task" only at DEBUG (afterwrite.worker.app.CHATTY_LOGGERS)
+    return {**base_env, "AFTERWRITE_LOG_LEVEL": "DEBUG"}
 
 
 class _Touch:
@@ -39,7 +45,7 @@ def _crafted_schedule(path: Path, marker: Path) -> None:
         db["entries"] = _Touch(marker)
 
 
-def test_beat_never_unpickles_a_schedule_file(base_env: dict[str, str], tmp_path: Path) -> None:
+def test_beat_never_unpickles_a_schedule_file(beat_env: dict[str, str], tmp_path: Path) -> None:
     schedule = tmp_path / "celerybeat-schedule"
     control_marker = tmp_path / "control"
     _crafted_schedule(schedule, control_marker)
@@ -66,7 +72,7 @@ def test_beat_never_unpickles_a_schedule_file(base_env: dict[str, str], tmp_path
             str(schedule),  # what the Procfile and compose used to pass
         ],
         # the session's example kind (AFTERWRITE_IMPORTS) from the checkout, run from elsewhere
-        {**base_env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        {**beat_env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         tmp_path / "beat.log",
         cwd=workdir,
     )
@@ -79,13 +85,13 @@ def test_beat_never_unpickles_a_schedule_file(base_env: dict[str, str], tmp_path
 
 
 def test_a_second_beat_waits_and_takes_over_when_the_first_stops(
-    base_env: dict[str, str], tmp_path: Path
+    beat_env: dict[str, str], tmp_path: Path
 ) -> None:
-    first = processes.start_beat(base_env, tmp_path / "first", loglevel="INFO")
+    first = processes.start_beat(beat_env, tmp_path / "first", loglevel="DEBUG")
     second: processes.Process | None = None
     try:
         wait_for(lambda: log_lines(first.log, SENDING), timeout_s=60, what="the first beat")
-        second = processes.start_beat(base_env, tmp_path / "second", loglevel="INFO")
+        second = processes.start_beat(beat_env, tmp_path / "second", loglevel="DEBUG")
         time.sleep(5)
         assert second.alive(), second.tail(3000)
         assert not log_lines(second.log, SENDING), "two beats sent the same kicks"

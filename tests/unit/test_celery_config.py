@@ -3,7 +3,7 @@ from __future__ import annotations
 import ssl
 
 from afterwrite.core.settings import load_settings
-from afterwrite.worker.app import DRAIN_TASK, RECLAIM_TASK, celery_config
+from afterwrite.worker.app import DISPATCH_TASK, RECLAIM_TASK, celery_config
 
 
 def test_json_only_and_a_schedule_per_kind() -> None:
@@ -12,8 +12,10 @@ def test_json_only_and_a_schedule_per_kind() -> None:
     assert config["task_serializer"] == "json"
     assert config["result_accept_content"] == ["json"]
     schedule = config["beat_schedule"]
-    assert schedule["drain:query"]["task"] == DRAIN_TASK
-    assert schedule["drain:query"]["args"] == ("query",)
+    # one dispatcher kicks the drains that have work (no per-kind drain kick every second)
+    assert schedule["dispatch"]["task"] == DISPATCH_TASK
+    assert not [name for name in schedule if name.startswith("drain:")]
+    assert {"embed", "index_refresh"}.isdisjoint(schedule)
     assert schedule["reclaim:query"]["task"] == RECLAIM_TASK
     assert config["broker_url"] == "redis://cache:6379/0"
     assert "broker_use_ssl" not in config
