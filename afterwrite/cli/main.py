@@ -123,7 +123,12 @@ def beat(ctx: click.Context) -> None:
 )
 @click.pass_context
 def flower(ctx: click.Context, unauthenticated: bool) -> None:
-    """Start Flower with HTTP basic authentication (AFTERWRITE_FLOWER_USER/PASSWORD)."""
+    """Start Flower with HTTP basic authentication (AFTERWRITE_FLOWER_USER/PASSWORD).
+
+    Every page asks for it, Flower's /metrics and /healthcheck included.
+    """
+    from afterwrite.worker.flower import require_authentication_everywhere
+
     settings = cli_settings()
     argv = ["flower", f"--port={settings.flower_port}"]
     if settings.flower_user and settings.flower_password:
@@ -135,6 +140,7 @@ def flower(ctx: click.Context, unauthenticated: bool) -> None:
             "Flower needs credentials: set AFTERWRITE_FLOWER_USER and "
             "AFTERWRITE_FLOWER_PASSWORD, or pass --unauthenticated for local development"
         )
+    require_authentication_everywhere()
     _celery(argv + list(ctx.args))
 
 

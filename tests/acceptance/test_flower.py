@@ -93,15 +93,19 @@ def flower(
         log.close()
 
 
+# Flower's own monitor endpoints were open to anyone before afterwrite guarded them.
+PAGES = ("/", "/metrics", "/healthcheck", "/api/workers", "/api/tasks")
+
+
 def test_flower_answers_401_without_credentials(
     flower: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     proc, port = flower
-    url = f"http://127.0.0.1:{port}/"
-    assert _status(url) == 401
-    assert _status(url, ("ops", "wrong")) == 401
-    assert _status(f"http://127.0.0.1:{port}/api/tasks") == 401
-    assert _status(url, AUTH) == 200
+    for page in PAGES:
+        url = f"http://127.0.0.1:{port}{page}"
+        assert _status(url) == 401, page
+        assert _status(url, ("ops", "wrong")) == 401, page
+        assert _status(url, AUTH) == 200, page
     # the password is not on the command line, where `ps` would show it
     cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     assert b"correct horse" not in cmdline
