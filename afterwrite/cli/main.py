@@ -130,7 +130,7 @@ def flower(ctx: click.Context, unauthenticated: bool) -> None:
     from afterwrite.worker.flower import require_authentication_everywhere
 
     settings = cli_settings()
-    argv = ["flower", f"--port={settings.flower_port}"]
+    argv = ["flower", f"--port={settings.flower_port}", f"--address={settings.flower_address}"]
     if settings.flower_user and settings.flower_password:
         # Through the environment, not argv: argv is visible to every user in `ps`.
         secret = settings.flower_password.get_secret_value()

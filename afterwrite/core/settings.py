@@ -237,6 +237,9 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
     flower_port: Annotated[int, Field(gt=0, lt=65536)] = 5555
+    flower_address: str = "127.0.0.1"
+    """Address Flower listens on (``--address``): this machine only unless told otherwise
+    (``0.0.0.0`` in a container whose port is published)."""
     flower_unauthenticated: bool = False
     """Explicit opt-out of Flower authentication (local development only)."""
 
@@ -333,6 +336,14 @@ class Settings(BaseSettings):
     def _check_name(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "_-." for c in v):
             raise ValueError("may contain only letters, digits, '_', '-' and '.'")
+        return v
+
+    @field_validator("flower_address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        # Flower reads an empty address as "every interface": that must be said as 0.0.0.0.
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("must be an address or host name, e.g. 127.0.0.1 or 0.0.0.0")
         return v
 
     @field_validator("log_level")

@@ -27,7 +27,7 @@ from afterwrite.producer.client import redis_options
 from afterwrite.producer.prometheus import ProducerCollector
 from afterwrite.worker.operations.exporter import registry
 from afterwrite.worker.runtime import Runtime
-from tests.helpers import wait_for
+from tests.helpers import listening_addresses, wait_for
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXPOSED = {name for m in METRICS for name in m.exposed_names}
@@ -218,6 +218,7 @@ def test_metrics_server_requires_credentials_and_serves_prometheus_text(
             return True
 
         wait_for(up, timeout_s=30, what="the metrics server to listen")
+        assert listening_addresses(port) == {"127.0.0.1"}  # without --host: this machine only
         assert _get(url)[0] == 401
         assert _get(url, ("ops", "wrong"))[0] == 401
         status, text = _get(url, ("ops", "s3cret pass"))

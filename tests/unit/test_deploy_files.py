@@ -370,6 +370,18 @@ def test_monitoring_endpoints_refuse_to_start_without_a_password(name: str, port
     assert any(port in str(p) for p in service.get("ports", []))
 
 
+def test_the_monitoring_services_opt_in_to_every_interface_of_their_container() -> None:
+    """Flower and the metrics server listen on 127.0.0.1 unless told otherwise; in a container
+    the published port needs 0.0.0.0, said explicitly, and the host publishes it locally."""
+    services = _services()
+    assert load_settings({}).flower_address == "127.0.0.1"
+    assert _environment(services["flower"])["AFTERWRITE_FLOWER_ADDRESS"] == "0.0.0.0"
+    metrics = _argv(services["metrics"]["command"])
+    assert metrics[metrics.index("--host") + 1] == "0.0.0.0"
+    for name in ("flower", "metrics"):
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
+
+
 def test_the_worker_and_the_readers_share_the_index_directory() -> None:
     services = _services()
     index_dir = "/var/lib/afterwrite/indexes"

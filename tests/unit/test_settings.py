@@ -50,6 +50,7 @@ def test_values_are_parsed_from_the_environment() -> None:
         ({"AFTERWRITE_BACH_MAX_ENTRIES": "10"}, "did you mean AFTERWRITE_BATCH_MAX_ENTRIES"),
         ({"AFTERWRITE_RECLAIM_IDLE_S": "30"}, "AFTERWRITE_RECLAIM_IDLE_S must be at least twice"),
         ({"AFTERWRITE_FLOWER_PASSWORD": "x"}, "AFTERWRITE_FLOWER_USER is not"),
+        ({"AFTERWRITE_FLOWER_ADDRESS": ""}, "AFTERWRITE_FLOWER_ADDRESS: .*0.0.0.0"),
         ({"AFTERWRITE_RETENTION_DAYS": "query"}, "AFTERWRITE_RETENTION_DAYS: 'query': expected"),
         ({"AFTERWRITE_RETENTION_DAYS": "query=0"}, "at least 1 day"),
         ({"AFTERWRITE_RETENTION_DAYS": "query=x"}, r"AFTERWRITE_RETENTION_DAYS \(query\): Input"),
