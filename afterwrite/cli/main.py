@@ -127,10 +127,15 @@ def flower(ctx: click.Context, unauthenticated: bool) -> None:
 
     Every page asks for it, Flower's /metrics and /healthcheck included.
     """
-    from afterwrite.worker.flower import require_authentication_everywhere
+    from afterwrite.worker.flower import TASKS_COLUMNS, require_authentication_everywhere
 
     settings = cli_settings()
-    argv = ["flower", f"--port={settings.flower_port}", f"--address={settings.flower_address}"]
+    argv = [
+        "flower",
+        f"--port={settings.flower_port}",
+        f"--address={settings.flower_address}",
+        f"--tasks_columns={TASKS_COLUMNS}",  # extra args given after it take precedence
+    ]
     if settings.flower_user and settings.flower_password:
         # Through the environment, not argv: argv is visible to every user in `ps`.
         secret = settings.flower_password.get_secret_value()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -129,6 +130,21 @@ def test_flower_answers_401_without_credentials(
     # the password is not on the command line, where `ps` would show it
     cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     assert b"correct horse" not in cmdline
+
+
+def test_the_task_list_shows_kind_and_rows_by_default(
+    flower: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """The kind is a task's argument and the rows are in its result: both are columns, so a
+    user sees them without opening each task (Flower's default hides them)."""
+    _, port = flower
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/tasks")
+    token = base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    columns = re.findall(r'<th data-column="([a-z_]+)">', page)
+    assert columns == ["name", "args", "result", "received", "runtime"]
 
 
 @pytest.fixture
