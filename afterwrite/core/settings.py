@@ -243,6 +243,15 @@ class Settings(BaseSettings):
     flower_unauthenticated: bool = False
     """Explicit opt-out of Flower authentication (local development only)."""
 
+    # --- metrics endpoints ------------------------------------------------------------------
+    metrics_user: str | None = None
+    """HTTP basic login of ``afterwrite metrics-server`` and an application's ``/metrics``
+    (the example app's): what Prometheus's scrape config holds. Never Flower's login, which
+    can shut workers down."""
+    metrics_password: SecretStr | None = None
+    metrics_unauthenticated: bool = False
+    """Explicit opt-out of the metrics endpoints' authentication (local development only)."""
+
     # --- logging ----------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = False
@@ -365,6 +374,20 @@ class Settings(BaseSettings):
             )
         if self.flower_password is not None and not self.flower_user:
             raise ValueError("AFTERWRITE_FLOWER_PASSWORD is set but AFTERWRITE_FLOWER_USER is not")
+        if self.metrics_password is not None and not self.metrics_user:
+            raise ValueError(
+                "AFTERWRITE_METRICS_PASSWORD is set but AFTERWRITE_METRICS_USER is not"
+            )
+        if (
+            self.metrics_password is not None
+            and self.flower_password is not None
+            and self.metrics_password.get_secret_value() == self.flower_password.get_secret_value()
+        ):
+            # whoever reads the scrape config must not get the login that shuts workers down
+            raise ValueError(
+                "AFTERWRITE_METRICS_PASSWORD must differ from AFTERWRITE_FLOWER_PASSWORD "
+                "(the scrape login must not open Flower)"
+            )
         return self
 
     @classmethod
