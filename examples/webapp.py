@@ -9,13 +9,13 @@ Run it (with ``AFTERWRITE_REDIS_URL`` set and a worker draining)::
     curl -s localhost:8000/documents -H 'content-type: application/json' \\
         -d '{"collection": "docs", "doc_id": "rag", "text": "RAG retrieves, then generates."}'
     curl -s 'localhost:8000/search?collection=docs&q=retrieval'
-    curl -s -u "$AFTERWRITE_FLOWER_USER:$AFTERWRITE_FLOWER_PASSWORD" localhost:8000/metrics
+    curl -s -u "$AFTERWRITE_METRICS_USER:$AFTERWRITE_METRICS_PASSWORD" localhost:8000/metrics
 
 ``/metrics`` serves the producer's counters (records sent, spilled, dropped: what the
 ``AfterwriteProducerDropping`` alert watches) in the Prometheus text format, behind the same
-HTTP basic credentials as Flower and ``afterwrite metrics-server``
-(``AFTERWRITE_FLOWER_USER`` / ``AFTERWRITE_FLOWER_PASSWORD``; without them it answers 503,
-``AFTERWRITE_FLOWER_UNAUTHENTICATED=true`` opens it for local development).
+HTTP basic credentials as ``afterwrite metrics-server``, the scrape login
+(``AFTERWRITE_METRICS_USER`` / ``AFTERWRITE_METRICS_PASSWORD``, not Flower's; without them it
+answers 503, ``AFTERWRITE_METRICS_UNAUTHENTICATED=true`` opens it for local development).
 
 ``EXAMPLE_RECORDING`` picks how handlers record (the load test, ``benchmarks.loadtest``,
 compares them): ``direct`` (default: ``AsyncClient``, one XADD awaited per record),
@@ -460,7 +460,8 @@ def _add_routes(app: FastAPI, delay_s: float) -> None:
 
 def _add_metrics(app: FastAPI) -> None:
     """``/metrics``: the producer's counters for Prometheus, behind HTTP basic authentication
-    (the credentials of Flower and ``afterwrite metrics-server``)."""
+    (the scrape login of ``afterwrite metrics-server``, ``AFTERWRITE_METRICS_USER`` /
+    ``AFTERWRITE_METRICS_PASSWORD``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     from afterwrite.producer.prometheus import ProducerCollector
@@ -483,15 +484,15 @@ def _check_metrics_credentials(app: FastAPI, given: HTTPBasicCredentials | None)
     settings: Settings | None = app.state.metrics_settings
     if settings is None:
         settings = app.state.metrics_settings = load_settings()
-    if settings.flower_unauthenticated:
+    if settings.metrics_unauthenticated:
         return
-    if not (settings.flower_user and settings.flower_password):
+    if not (settings.metrics_user and settings.metrics_password):
         raise HTTPException(
             503,
-            "/metrics needs credentials: set AFTERWRITE_FLOWER_USER and "
-            "AFTERWRITE_FLOWER_PASSWORD (or AFTERWRITE_FLOWER_UNAUTHENTICATED=true)",
+            "/metrics needs credentials: set AFTERWRITE_METRICS_USER and "
+            "AFTERWRITE_METRICS_PASSWORD (or AFTERWRITE_METRICS_UNAUTHENTICATED=true)",
         )
-    expected = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}".encode()
+    expected = f"{settings.metrics_user}:{settings.metrics_password.get_secret_value()}".encode()
     supplied = b"" if given is None else f"{given.username}:{given.password}".encode()
     if not hmac.compare_digest(supplied, expected):
         raise HTTPException(

@@ -123,9 +123,19 @@ def beat(ctx: click.Context) -> None:
 )
 @click.pass_context
 def flower(ctx: click.Context, unauthenticated: bool) -> None:
-    """Start Flower with HTTP basic authentication (AFTERWRITE_FLOWER_USER/PASSWORD)."""
+    """Start Flower with HTTP basic authentication (AFTERWRITE_FLOWER_USER/PASSWORD).
+
+    Every page asks for it, Flower's /metrics and /healthcheck included.
+    """
+    from afterwrite.worker.flower import TASKS_COLUMNS, require_authentication_everywhere
+
     settings = cli_settings()
-    argv = ["flower", f"--port={settings.flower_port}"]
+    argv = [
+        "flower",
+        f"--port={settings.flower_port}",
+        f"--address={settings.flower_address}",
+        f"--tasks_columns={TASKS_COLUMNS}",  # extra args given after it take precedence
+    ]
     if settings.flower_user and settings.flower_password:
         # Through the environment, not argv: argv is visible to every user in `ps`.
         secret = settings.flower_password.get_secret_value()
@@ -135,6 +145,7 @@ def flower(ctx: click.Context, unauthenticated: bool) -> None:
             "Flower needs credentials: set AFTERWRITE_FLOWER_USER and "
             "AFTERWRITE_FLOWER_PASSWORD, or pass --unauthenticated for local development"
         )
+    require_authentication_everywhere()
     _celery(argv + list(ctx.args))
 
 

@@ -1,10 +1,12 @@
 """``afterwrite metrics-server`` and ``afterwrite health``, and the tables ``afterwrite status``
 prints for freshness, embeddings and indexes.
 
-The metrics server is an HTTP surface, so it asks for the monitoring credentials by default
-(HTTP basic, ``AFTERWRITE_FLOWER_USER`` / ``AFTERWRITE_FLOWER_PASSWORD``, the same operators as
-Flower; Prometheus sends them with ``basic_auth`` in its scrape config). ``--unauthenticated``
-or ``AFTERWRITE_FLOWER_UNAUTHENTICATED`` turns that off for local development.
+The metrics server is an HTTP surface, so it asks for the scrape credentials by default
+(HTTP basic, ``AFTERWRITE_METRICS_USER`` / ``AFTERWRITE_METRICS_PASSWORD``; Prometheus sends
+them with ``basic_auth`` in its scrape config). They are not Flower's login: whoever can read
+the scrape config must not be able to shut workers down. ``--unauthenticated`` or
+``AFTERWRITE_METRICS_UNAUTHENTICATED`` turns that off for local development. It listens on
+127.0.0.1 unless ``--host`` says otherwise.
 
 Registered on the main group by afterwrite.cli.main.
 """
@@ -87,9 +89,9 @@ def metrics_app(settings: Any, *, authenticated: bool) -> WSGIApplication:
 
     app: WSGIApplication = make_wsgi_app(registry(settings))
     if authenticated:
-        assert settings.flower_user
-        assert settings.flower_password
-        app = basic_auth(app, settings.flower_user, settings.flower_password.get_secret_value())
+        assert settings.metrics_user
+        assert settings.metrics_password
+        app = basic_auth(app, settings.metrics_user, settings.metrics_password.get_secret_value())
     return app
 
 
@@ -114,16 +116,17 @@ def _service_settings() -> Settings:
 def metrics_server(host: str, port: int, unauthenticated: bool) -> None:
     """Serve Prometheus metrics computed at scrape time from Redis and PostgreSQL.
 
-    Needs AFTERWRITE_FLOWER_USER and AFTERWRITE_FLOWER_PASSWORD (HTTP basic), unless
-    --unauthenticated. Metric names: docs/monitoring.md.
+    Needs AFTERWRITE_METRICS_USER and AFTERWRITE_METRICS_PASSWORD (HTTP basic; not Flower's
+    login), unless --unauthenticated. Metric names: docs/monitoring.md.
     """
 
     settings = _service_settings()
-    authenticated = not (unauthenticated or settings.flower_unauthenticated)
-    if authenticated and not (settings.flower_user and settings.flower_password):
+    authenticated = not (unauthenticated or settings.metrics_unauthenticated)
+    if authenticated and not (settings.metrics_user and settings.metrics_password):
         fail(
-            "metrics-server needs credentials: set AFTERWRITE_FLOWER_USER and "
-            "AFTERWRITE_FLOWER_PASSWORD, or pass --unauthenticated for local development"
+            "metrics-server needs credentials: set AFTERWRITE_METRICS_USER and "
+            "AFTERWRITE_METRICS_PASSWORD (the scrape login, not Flower's), or pass "
+            "--unauthenticated for local development"
         )
     app = metrics_app(settings, authenticated=authenticated)
     try:

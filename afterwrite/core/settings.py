@@ -240,8 +240,20 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
     flower_port: Annotated[int, Field(gt=0, lt=65536)] = 5555
+    flower_address: str = "127.0.0.1"
+    """Address Flower listens on (``--address``): this machine only unless told otherwise
+    (``0.0.0.0`` in a container whose port is published)."""
     flower_unauthenticated: bool = False
     """Explicit opt-out of Flower authentication (local development only)."""
+
+    # --- metrics endpoints ------------------------------------------------------------------
+    metrics_user: str | None = None
+    """HTTP basic login of ``afterwrite metrics-server`` and an application's ``/metrics``
+    (the example app's): what Prometheus's scrape config holds. Never Flower's login, which
+    can shut workers down."""
+    metrics_password: SecretStr | None = None
+    metrics_unauthenticated: bool = False
+    """Explicit opt-out of the metrics endpoints' authentication (local development only)."""
 
     # --- logging ----------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -338,6 +350,14 @@ class Settings(BaseSettings):
             raise ValueError("may contain only letters, digits, '_', '-' and '.'")
         return v
 
+    @field_validator("flower_address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        # Flower reads an empty address as "every interface": that must be said as 0.0.0.0.
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("must be an address or host name, e.g. 127.0.0.1 or 0.0.0.0")
+        return v
+
     @field_validator("log_level")
     @classmethod
     def _check_level(cls, v: str) -> str:
@@ -357,6 +377,20 @@ class Settings(BaseSettings):
             )
         if self.flower_password is not None and not self.flower_user:
             raise ValueError("AFTERWRITE_FLOWER_PASSWORD is set but AFTERWRITE_FLOWER_USER is not")
+        if self.metrics_password is not None and not self.metrics_user:
+            raise ValueError(
+                "AFTERWRITE_METRICS_PASSWORD is set but AFTERWRITE_METRICS_USER is not"
+            )
+        if (
+            self.metrics_password is not None
+            and self.flower_password is not None
+            and self.metrics_password.get_secret_value() == self.flower_password.get_secret_value()
+        ):
+            # whoever reads the scrape config must not get the login that shuts workers down
+            raise ValueError(
+                "AFTERWRITE_METRICS_PASSWORD must differ from AFTERWRITE_FLOWER_PASSWORD "
+                "(the scrape login must not open Flower)"
+            )
         return self
 
     @classmethod

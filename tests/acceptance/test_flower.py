@@ -6,12 +6,14 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import re
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from afterwrite.core.settings import Settings
 from afterwrite.demo.processes import Process, start_worker
 from afterwrite.producer import Client
 from afterwrite.worker.app import DRAIN_TASK
-from tests.helpers import wait_for
+from tests.helpers import listening_addresses, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -56,21 +58,24 @@ def _get_json(url: str, auth: tuple[str, str]) -> Any:
 AUTH = ("ops", "correct horse")
 
 
-@pytest.fixture
-def flower(
-    base_env: dict[str, str], tmp_path: Path
+@contextmanager
+def _running_flower(
+    base_env: dict[str, str], tmp_path: Path, **settings: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``afterwrite flower`` with credentials, listening; stopped after the test."""
+    """``afterwrite flower`` with credentials (and ``settings``, AFTERWRITE_* without the
+    prefix), listening; stopped on exit."""
     port = _free_port()
     env = {
         **base_env,
         "AFTERWRITE_FLOWER_USER": AUTH[0],
         "AFTERWRITE_FLOWER_PASSWORD": AUTH[1],
         "AFTERWRITE_FLOWER_PORT": str(port),
+        **{f"AFTERWRITE_{k.upper()}": v for k, v in settings.items()},
     }
-    log = (tmp_path / "flower.log").open("wb")
+    log_path = tmp_path / f"flower-{port}.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "afterwrite.cli.main", "flower", "--address=127.0.0.1"],
+        [sys.executable, "-m", "afterwrite.cli.main", "flower"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -78,12 +83,8 @@ def flower(
     try:
 
         def up() -> bool:
-            assert proc.poll() is None, (tmp_path / "flower.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            except OSError:
-                return False
-            return True
+            assert proc.poll() is None, log_path.read_text()
+            return bool(listening_addresses(port))
 
         wait_for(up, timeout_s=60, what="Flower to listen")
         yield proc, port
@@ -93,18 +94,57 @@ def flower(
         log.close()
 
 
+@pytest.fixture
+def flower(
+    base_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``afterwrite flower`` as configured by default; stopped after the test."""
+    with _running_flower(base_env, tmp_path) as running:
+        yield running
+
+
+def test_flower_listens_on_this_machine_only_unless_told_otherwise(
+    flower: tuple[subprocess.Popen[bytes], int], base_env: dict[str, str], tmp_path: Path
+) -> None:
+    _, port = flower
+    # Flower's own default is every interface (0.0.0.0 and ::)
+    assert listening_addresses(port) == {"127.0.0.1"}
+    with _running_flower(base_env, tmp_path, flower_address="127.0.0.2") as (_, other):
+        assert listening_addresses(other) == {"127.0.0.2"}
+        assert _status(f"http://127.0.0.2:{other}/healthcheck", AUTH) == 200
+
+
+# Flower's own monitor endpoints were open to anyone before afterwrite guarded them.
+PAGES = ("/", "/metrics", "/healthcheck", "/api/workers", "/api/tasks")
+
+
 def test_flower_answers_401_without_credentials(
     flower: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     proc, port = flower
-    url = f"http://127.0.0.1:{port}/"
-    assert _status(url) == 401
-    assert _status(url, ("ops", "wrong")) == 401
-    assert _status(f"http://127.0.0.1:{port}/api/tasks") == 401
-    assert _status(url, AUTH) == 200
+    for page in PAGES:
+        url = f"http://127.0.0.1:{port}{page}"
+        assert _status(url) == 401, page
+        assert _status(url, ("ops", "wrong")) == 401, page
+        assert _status(url, AUTH) == 200, page
     # the password is not on the command line, where `ps` would show it
     cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     assert b"correct horse" not in cmdline
+
+
+def test_the_task_list_shows_kind_and_rows_by_default(
+    flower: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """The kind is a task's argument and the rows are in its result: both are columns, so a
+    user sees them without opening each task (Flower's default hides them)."""
+    _, port = flower
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/tasks")
+    token = base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        page = response.read().decode()
+    columns = re.findall(r'<th data-column="([a-z_]+)">', page)
+    assert columns == ["name", "args", "result", "received", "runtime"]
 
 
 @pytest.fixture

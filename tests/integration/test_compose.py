@@ -88,6 +88,7 @@ def test_compose_commands_work_in_a_fresh_shell_without_secrets(project: Path) -
     # nothing hard-coded: unset secrets stay empty, and the services needing them refuse
     assert config["postgres"]["environment"]["POSTGRES_PASSWORD"] == ""
     assert config["flower"]["environment"]["AFTERWRITE_FLOWER_PASSWORD"] == ""
+    assert config["metrics"]["environment"]["AFTERWRITE_METRICS_PASSWORD"] == ""
     assert config["redis"]["environment"]["REDIS_PASSWORD"] == ""
     # (compose prints the container's "$" escaped as "$$", ready to be read again)
     assert 'test -n "$$REDIS_PASSWORD" || {' in config["redis"]["command"][2]
@@ -121,10 +122,14 @@ def test_compose_takes_passwords_from_a_dot_env_made_from_the_example(project: P
             f"postgresql://afterwrite:{pg_password}@postgres:5432/afterwrite"
         ), name
         assert env["AFTERWRITE_REDIS_URL"] == f"redis://:{redis_password}@redis:6379/0", name
-    for name in ("flower", "metrics", "web"):
+    flower = config["flower"]["environment"]
+    assert flower["AFTERWRITE_FLOWER_USER"] == example["AFTERWRITE_FLOWER_USER"]
+    assert flower["AFTERWRITE_FLOWER_PASSWORD"] == example["AFTERWRITE_FLOWER_PASSWORD"]
+    for name in ("metrics", "web"):
         env = config[name]["environment"]
-        assert env["AFTERWRITE_FLOWER_USER"] == example["AFTERWRITE_FLOWER_USER"]
-        assert env["AFTERWRITE_FLOWER_PASSWORD"] == example["AFTERWRITE_FLOWER_PASSWORD"]
+        assert env["AFTERWRITE_METRICS_USER"] == example["AFTERWRITE_METRICS_USER"], name
+        assert env["AFTERWRITE_METRICS_PASSWORD"] == example["AFTERWRITE_METRICS_PASSWORD"], name
+        assert "AFTERWRITE_FLOWER_PASSWORD" not in env, name
 
     web_volumes = {v["target"]: v for v in config["web"]["volumes"]}
     spill = web_volumes["/var/lib/afterwrite/spill"]
@@ -214,15 +219,15 @@ def test_the_headers_example_requests_work_against_the_example_app(
     pg: psycopg.Connection[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As a user would: the app configured from the environment (.env.example's login), each
+    """As a user would: the app configured from the environment (.env.example's scrape login), each
     request as written, the pipeline run before the search ("once indexed")."""
     for key in [k for k in os.environ if k.startswith("AFTERWRITE_")]:
         monkeypatch.delenv(key)
     example = _env_example()
     monkeypatch.setenv("AFTERWRITE_REDIS_URL", settings.require_redis_url())
     monkeypatch.setenv("AFTERWRITE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("AFTERWRITE_FLOWER_USER", example["AFTERWRITE_FLOWER_USER"])
-    monkeypatch.setenv("AFTERWRITE_FLOWER_PASSWORD", example["AFTERWRITE_FLOWER_PASSWORD"])
+    monkeypatch.setenv("AFTERWRITE_METRICS_USER", example["AFTERWRITE_METRICS_USER"])
+    monkeypatch.setenv("AFTERWRITE_METRICS_PASSWORD", example["AFTERWRITE_METRICS_PASSWORD"])
     requests = _header_requests()
 
     def index_everything() -> None:

@@ -97,6 +97,8 @@ def test_the_procfile_runs_under_honcho_stores_records_and_stops_gracefully(
         "AFTERWRITE_FLOWER_USER": "ops",
         "AFTERWRITE_FLOWER_PASSWORD": "procfile-test",
         "AFTERWRITE_FLOWER_PORT": str(_free_port()),
+        "AFTERWRITE_METRICS_USER": "prometheus",
+        "AFTERWRITE_METRICS_PASSWORD": "procfile-scrape",
         "METRICS_PORT": str(_free_port()),
     }
     log = tmp_path / "honcho.log"

@@ -27,7 +27,7 @@ from afterwrite.producer.client import redis_options
 from afterwrite.producer.prometheus import ProducerCollector
 from afterwrite.worker.operations.exporter import registry
 from afterwrite.worker.runtime import Runtime
-from tests.helpers import wait_for
+from tests.helpers import listening_addresses, wait_for
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXPOSED = {name for m in METRICS for name in m.exposed_names}
@@ -196,8 +196,10 @@ def test_metrics_server_requires_credentials_and_serves_prometheus_text(
     port = _free_port()
     env = {
         **base_env,
-        "AFTERWRITE_FLOWER_USER": "ops",
-        "AFTERWRITE_FLOWER_PASSWORD": "s3cret pass",
+        "AFTERWRITE_METRICS_USER": "ops",
+        "AFTERWRITE_METRICS_PASSWORD": "s3cret pass",
+        "AFTERWRITE_FLOWER_USER": "admin",
+        "AFTERWRITE_FLOWER_PASSWORD": "flower admin",
     }
     log = (tmp_path / "metrics.log").open("wb")
     proc = subprocess.Popen(
@@ -218,8 +220,10 @@ def test_metrics_server_requires_credentials_and_serves_prometheus_text(
             return True
 
         wait_for(up, timeout_s=30, what="the metrics server to listen")
+        assert listening_addresses(port) == {"127.0.0.1"}  # without --host: this machine only
         assert _get(url)[0] == 401
         assert _get(url, ("ops", "wrong"))[0] == 401
+        assert _get(url, ("admin", "flower admin"))[0] == 401  # Flower's login is not the scrape's
         status, text = _get(url, ("ops", "s3cret pass"))
         assert status == 200
         families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -233,16 +237,18 @@ def test_metrics_server_requires_credentials_and_serves_prometheus_text(
 
 
 def test_metrics_server_refuses_to_start_without_credentials(base_env: dict[str, str]) -> None:
+    """Flower's login is not enough: the scrape login is its own."""
+    env = {**base_env, "AFTERWRITE_FLOWER_USER": "admin", "AFTERWRITE_FLOWER_PASSWORD": "x"}
     proc = subprocess.run(
         [sys.executable, "-c", SERVER, "metrics-server", "--port", str(_free_port())],
-        env=base_env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert proc.returncode == 2
-    assert "AFTERWRITE_FLOWER_PASSWORD" in proc.stderr
+    assert "AFTERWRITE_METRICS_PASSWORD" in proc.stderr
 
 
 # --- documentation ----------------------------------------------------------------------------

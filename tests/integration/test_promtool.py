@@ -117,8 +117,8 @@ def test_a_metrics_server_scrape_passes_promtool(
     env = {
         **base_env,
         "AFTERWRITE_INDEX_DIR": str(settings.index_path),
-        "AFTERWRITE_FLOWER_USER": USER,
-        "AFTERWRITE_FLOWER_PASSWORD": PASSWORD,
+        "AFTERWRITE_METRICS_USER": USER,
+        "AFTERWRITE_METRICS_PASSWORD": PASSWORD,
     }
     log_path = tmp_path / "metrics.log"
     with log_path.open("wb") as log:
@@ -188,7 +188,12 @@ def _metrics_settings(**overrides: Any) -> Settings:
 
 
 def test_the_example_app_serves_producer_metrics_behind_basic_auth(settings: Settings) -> None:
-    creds = _metrics_settings(flower_user=USER, flower_password=PASSWORD)
+    creds = _metrics_settings(
+        metrics_user=USER,
+        metrics_password=PASSWORD,
+        flower_user="admin",
+        flower_password="flower-admin",
+    )
 
     async def scenario() -> dict[str, httpx.Response]:
         conn = aioredis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
@@ -208,6 +213,8 @@ def test_the_example_app_serves_producer_metrics_behind_basic_auth(settings: Set
                 return {
                     "anonymous": await http.get("/metrics"),
                     "wrong": await http.get("/metrics", headers=_basic(USER, "nope")),
+                    # Flower's admin login is not the scrape login
+                    "flower": await http.get("/metrics", headers=_basic("admin", "flower-admin")),
                     "right": await http.get("/metrics", headers=_basic(USER, PASSWORD)),
                     "unset": await unset.get("/metrics"),
                 }
@@ -218,8 +225,9 @@ def test_the_example_app_serves_producer_metrics_behind_basic_auth(settings: Set
     assert r["anonymous"].status_code == 401
     assert r["anonymous"].headers["www-authenticate"].startswith("Basic")
     assert r["wrong"].status_code == 401
+    assert r["flower"].status_code == 401
     assert r["unset"].status_code == 503
-    assert "AFTERWRITE_FLOWER_PASSWORD" in r["unset"].text
+    assert "AFTERWRITE_METRICS_PASSWORD" in r["unset"].text
     assert r["right"].status_code == 200
     assert r["right"].headers["content-type"].startswith("text/plain")
     text = r["right"].text
@@ -287,7 +295,7 @@ def _rule_test(
 def test_producer_dropping_fires_on_what_the_example_app_exports(
     settings: Settings, tmp_path: Path
 ) -> None:
-    creds = _metrics_settings(flower_user=USER, flower_password=PASSWORD)
+    creds = _metrics_settings(metrics_user=USER, metrics_password=PASSWORD)
     auth = _basic(USER, PASSWORD)
 
     async def scenario() -> list[str]:

@@ -316,9 +316,11 @@ def test_no_secret_is_written_in_the_compose_file_or_required_by_every_command()
     text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
     assert ":?" not in text
     assert _environment(_services()["postgres"])["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
-    for name in ("flower", "metrics", "web"):
+    flower = _environment(_services()["flower"])
+    assert flower["AFTERWRITE_FLOWER_PASSWORD"] == "${AFTERWRITE_FLOWER_PASSWORD:-}"
+    for name in ("metrics", "web"):
         env = _environment(_services()[name])
-        assert env["AFTERWRITE_FLOWER_PASSWORD"] == "${AFTERWRITE_FLOWER_PASSWORD:-}", name
+        assert env["AFTERWRITE_METRICS_PASSWORD"] == "${AFTERWRITE_METRICS_PASSWORD:-}", name
     example = dict(
         line.split("=", 1)
         for line in (ROOT / ".env.example").read_text().splitlines()
@@ -356,18 +358,51 @@ def test_postgres_has_a_readiness_check_and_volumes_persist() -> None:
         assert named & declared, f"{name} keeps its data in no named volume"
 
 
-@pytest.mark.parametrize(("name", "port"), [("flower", "5555"), ("metrics", "9808")])
-def test_monitoring_endpoints_refuse_to_start_without_a_password(name: str, port: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "port", "login"),
+    [("flower", "5555", "FLOWER"), ("metrics", "9808", "METRICS")],
+)
+def test_monitoring_endpoints_refuse_to_start_without_a_password(
+    name: str, port: str, login: str
+) -> None:
     """No password in the file; without one the command itself refuses to start (tested in
     test_cli / test_prometheus), so compose does not need ${…:?}."""
     service = _services()[name]
     env = _environment(service)
-    assert env["AFTERWRITE_FLOWER_PASSWORD"] == "${AFTERWRITE_FLOWER_PASSWORD:-}"
-    assert env.get("AFTERWRITE_FLOWER_USER")
-    assert "AFTERWRITE_FLOWER_UNAUTHENTICATED" not in env
+    password = f"AFTERWRITE_{login}_PASSWORD"
+    assert env[password] == f"${{{password}:-}}"
+    assert env.get(f"AFTERWRITE_{login}_USER")
+    assert f"AFTERWRITE_{login}_UNAUTHENTICATED" not in env
     assert "--unauthenticated" not in _argv(service["command"])
     assert "--unauthenticated" not in _procfile()[name]
     assert any(port in str(p) for p in service.get("ports", []))
+
+
+def test_the_monitoring_services_opt_in_to_every_interface_of_their_container() -> None:
+    """Flower and the metrics server listen on 127.0.0.1 unless told otherwise; in a container
+    the published port needs 0.0.0.0, said explicitly, and the host publishes it locally."""
+    services = _services()
+    assert load_settings({}).flower_address == "127.0.0.1"
+    assert _environment(services["flower"])["AFTERWRITE_FLOWER_ADDRESS"] == "0.0.0.0"
+    metrics = _argv(services["metrics"]["command"])
+    assert metrics[metrics.index("--host") + 1] == "0.0.0.0"
+    for name in ("flower", "metrics"):
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
+
+
+def test_only_flower_gets_the_flower_login() -> None:
+    """The scrape login (metrics server, the web app's /metrics) is separate: whoever can read
+    Prometheus's config, or the web container's environment, cannot shut workers down."""
+    services = _services()
+    for name in AFTERWRITE_SERVICES:
+        env = _environment(services[name])
+        holds_flower = {k for k in env if k.startswith("AFTERWRITE_FLOWER_")} - {
+            "AFTERWRITE_FLOWER_ADDRESS"
+        }
+        assert bool(holds_flower) == (name == "flower"), (name, holds_flower)
+        assert ("AFTERWRITE_METRICS_PASSWORD" in env) == (name in {"metrics", "web"}), name
+    example = (ROOT / ".env.example").read_text()
+    assert "AFTERWRITE_METRICS_PASSWORD=" in example
 
 
 def test_the_worker_and_the_readers_share_the_index_directory() -> None:

@@ -24,6 +24,8 @@ def test_values_are_parsed_from_the_environment() -> None:
             "AFTERWRITE_LOG_LEVEL": "debug",
             "AFTERWRITE_FLOWER_USER": "admin",
             "AFTERWRITE_FLOWER_PASSWORD": "hunter2",
+            "AFTERWRITE_METRICS_USER": "prometheus",
+            "AFTERWRITE_METRICS_PASSWORD": "scrape-secret",
         }
     )
     assert s.batch_max_entries == 2000
@@ -32,6 +34,9 @@ def test_values_are_parsed_from_the_environment() -> None:
     assert s.sqlalchemy_url() == "postgresql+psycopg://u:p@db:5432/app"
     assert s.celery_broker_url == "rediss://user:secret@cache:6380/2"
     assert "hunter2" not in repr(s)
+    assert "scrape-secret" not in repr(s)
+    assert s.metrics_password is not None
+    assert s.metrics_password.get_secret_value() == "scrape-secret"
 
 
 @pytest.mark.parametrize(
@@ -50,6 +55,17 @@ def test_values_are_parsed_from_the_environment() -> None:
         ({"AFTERWRITE_BACH_MAX_ENTRIES": "10"}, "did you mean AFTERWRITE_BATCH_MAX_ENTRIES"),
         ({"AFTERWRITE_RECLAIM_IDLE_S": "30"}, "AFTERWRITE_RECLAIM_IDLE_S must be at least twice"),
         ({"AFTERWRITE_FLOWER_PASSWORD": "x"}, "AFTERWRITE_FLOWER_USER is not"),
+        ({"AFTERWRITE_FLOWER_ADDRESS": ""}, "AFTERWRITE_FLOWER_ADDRESS: .*0.0.0.0"),
+        ({"AFTERWRITE_METRICS_PASSWORD": "x"}, "AFTERWRITE_METRICS_USER is not"),
+        (
+            {
+                "AFTERWRITE_FLOWER_USER": "admin",
+                "AFTERWRITE_FLOWER_PASSWORD": "same",
+                "AFTERWRITE_METRICS_USER": "prometheus",
+                "AFTERWRITE_METRICS_PASSWORD": "same",
+            },
+            "AFTERWRITE_METRICS_PASSWORD must differ from AFTERWRITE_FLOWER_PASSWORD",
+        ),
         ({"AFTERWRITE_RETENTION_DAYS": "query"}, "AFTERWRITE_RETENTION_DAYS: 'query': expected"),
         ({"AFTERWRITE_RETENTION_DAYS": "query=0"}, "at least 1 day"),
         ({"AFTERWRITE_RETENTION_DAYS": "query=x"}, r"AFTERWRITE_RETENTION_DAYS \(query\): Input"),
