@@ -39,7 +39,16 @@ CONCURRENCY = 2
 # Settings not handed to the bench worker: where things are is decided here, and secrets stay
 # out of the child's environment.
 _NOT_FORWARDED = frozenset(
-    {"database_url", "redis_url", "broker_url", "stream_prefix", "flower_user", "flower_password"}
+    {
+        "database_url",
+        "redis_url",
+        "broker_url",
+        "stream_prefix",
+        "flower_user",
+        "flower_password",
+        "metrics_user",
+        "metrics_password",
+    }
 )
 
 
