@@ -79,7 +79,8 @@ def _publish_pickle(broker_url: str, body: bytes) -> str:
 def test_pickle_message_is_refused_and_sql_kind_names_touch_nothing(
     stack: Stack, launcher: Launcher
 ) -> None:
-    env = stack.env()
+    # DEBUG: a task that ran would say so in Celery's per-task lines, checked below
+    env = stack.env(log_level="DEBUG")
     launcher.beat(env)
     worker = launcher.worker(env)
     settings = stack.settings(producer_timeout_ms=2000)
