@@ -254,7 +254,7 @@ def test_status_shows_freshness_embeddings_and_indexes(
     assert fresh[("embedded_to_searchable", COLLECTION)]["p50_s"] == pytest.approx(8, abs=0.01)
     emb = report["embeddings"]
     assert emb["counters"]["requests"] == 3
-    assert emb["cache_hit_rate"] == pytest.approx(0.5)
+    assert emb["cache_hit_rate"] == pytest.approx(2 / 5)  # cache hits / (hits + embedded)
     assert emb["backlog"] == 0
     (index,) = report["indexes"]
     assert (index["collection"], index["version"], index["vector_count"]) == (COLLECTION, 7, 1)
