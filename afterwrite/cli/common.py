@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from afterwrite.core.errors import SettingsError
+from afterwrite.worker.operations.schema import SCHEMA_MISSING, missing_tables
 
 if TYPE_CHECKING:  # pydantic loads only when a command reads its settings: --help stays quick
     from afterwrite.core.settings import Settings
@@ -53,8 +54,6 @@ def safe(value: object) -> str:
 
 EXIT_SETUP = 2
 """Exit code of a usage or setup problem (a bad setting, a database that was never migrated)."""
-SCHEMA_MISSING = "the database has no afterwrite schema (or an old one): run `afterwrite migrate`"
-"""What every command says, in one line, when the tables it needs are not there."""
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -104,18 +103,6 @@ def is_schema_error(exc: BaseException) -> bool:
             return True
         todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
     return False
-
-
-def missing_tables(conn: Any) -> list[str]:
-    """The tables afterwrite and the registered kinds need (and Alembic's version table) that
-    the database behind ``conn`` (psycopg) lacks."""
-    from afterwrite.models import Base, kinds
-
-    names = sorted({"alembic_version", *Base.metadata.tables, *(k.table.fullname for k in kinds)})
-    rows = conn.execute(
-        "SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NULL ORDER BY n", (names,)
-    ).fetchall()
-    return [str(r[0]) for r in rows]
 
 
 def require_schema(settings: Settings) -> None:

@@ -27,10 +27,8 @@ import click
 from rich.table import Table
 
 from afterwrite.cli.common import (
-    SCHEMA_MISSING,
     cli_settings,
     fail,
-    missing_tables,
     printable,
     safe,
 )
@@ -175,8 +173,6 @@ def health(as_json: bool, max_backlog_age_s: float, timeout_s: float, no_worker:
     report = run_health(
         settings, max_backlog_age_s=max_backlog_age_s, timeout_s=timeout_s, worker=not no_worker
     )
-    if next((c.ok for c in report.checks if c.name == "postgres"), False):
-        report.checks.append(_schema_check(settings, timeout_s))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -186,31 +182,6 @@ def health(as_json: bool, max_backlog_age_s: float, timeout_s: float, no_worker:
     sys.exit(EXIT_HEALTHY if report.ok else EXIT_UNHEALTHY)
 
 
-def _schema_check(settings: Settings, timeout_s: float) -> Any:
-    """``schema``: afterwrite's tables are all there (else the one missing-schema line)."""
-    import time
-
-    import psycopg
-
-    from afterwrite.worker.operations.health import Check
-
-    started = time.perf_counter()
-    try:
-        with psycopg.connect(
-            settings.require_database_url(),
-            autocommit=True,
-            connect_timeout=max(1, round(timeout_s)),
-            options=f"-c statement_timeout={int(timeout_s * 1000)}",
-        ) as conn:
-            missing = missing_tables(conn)
-    except psycopg.Error as exc:
-        return Check("schema", False, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
-    if missing:
-        return Check("schema", False, SCHEMA_MISSING, time.perf_counter() - started)
-    return Check("schema", True, "afterwrite's tables are there", time.perf_counter() - started)
-
-
-# --- status tables ----------------------------------------------------------------------------
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 

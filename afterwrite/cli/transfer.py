@@ -31,8 +31,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from afterwrite.cli.common import EXIT_SETUP, SCHEMA_MISSING, cli_settings, fail, is_schema_error
+from afterwrite.cli.common import EXIT_SETUP, cli_settings, fail, is_schema_error
 from afterwrite.core.errors import SettingsError
+from afterwrite.worker.operations.schema import SCHEMA_MISSING
 
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings

@@ -50,11 +50,18 @@ class HealthReport:
         return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
 
 
+class Verdict(Exception):
+    """Raised by a probe that reached its service and found it wanting: the message alone is
+    the check's detail (no exception type in front of it)."""
+
+
 def _timed(name: str, probe: Callable[[], str]) -> Check:
     """Run ``probe``: its return is the detail of a pass; any exception is a failure."""
     started = time.perf_counter()
     try:
         detail = probe()
+    except Verdict as exc:
+        return Check(name, False, logs.mask(str(exc)), time.perf_counter() - started)
     except Exception as exc:
         detail = logs.mask(f"{type(exc).__name__}: {exc}")
         return Check(name, False, detail, time.perf_counter() - started)
@@ -164,6 +171,26 @@ def check_backlog(settings: Settings, max_age_s: float, timeout_s: float) -> Che
     return _timed("backlog", probe)
 
 
+def check_schema(settings: Settings, timeout_s: float) -> Check:
+    """afterwrite's tables are all there (else the one missing-schema line)."""
+    import psycopg
+
+    from afterwrite.worker.operations.schema import SCHEMA_MISSING, missing_tables
+
+    def probe() -> str:
+        with psycopg.connect(
+            settings.require_database_url(),
+            autocommit=True,
+            connect_timeout=max(1, round(timeout_s)),
+            options=f"-c statement_timeout={int(timeout_s * 1000)}",
+        ) as conn:
+            if missing_tables(conn):
+                raise Verdict(SCHEMA_MISSING)
+        return "afterwrite's tables are there"
+
+    return _timed("schema", probe)
+
+
 def check_problems(settings: Settings, timeout_s: float) -> Check:
     """Fails while a worker task is stopped by a configuration error (worker.problems)."""
     import redis
@@ -195,6 +222,8 @@ def run_health(
     """All checks (``worker=False`` leaves the worker ping out, e.g. for a web pod's probe)."""
     checks = [check_redis(settings, timeout_s), check_postgres(settings, timeout_s)]
     redis_ok = checks[0].ok
+    if checks[1].ok:
+        checks.append(check_schema(settings, timeout_s))
     if worker:
         if redis_ok:
             checks.append(check_worker(settings, timeout_s))
