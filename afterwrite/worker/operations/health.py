@@ -92,16 +92,21 @@ def check_redis(settings: Settings, timeout_s: float) -> Check:
     return _timed("redis", probe)
 
 
-def check_postgres(settings: Settings, timeout_s: float) -> Check:
+def _pg(settings: Settings, timeout_s: float) -> Any:
+    """A connection whose connect and every statement give up after ``timeout_s``."""
     import psycopg
 
+    return psycopg.connect(
+        settings.require_database_url(),
+        autocommit=True,
+        connect_timeout=max(1, round(timeout_s)),
+        options=f"-c statement_timeout={int(timeout_s * 1000)}",
+    )
+
+
+def check_postgres(settings: Settings, timeout_s: float) -> Check:
     def probe() -> str:
-        with psycopg.connect(
-            settings.require_database_url(),
-            autocommit=True,
-            connect_timeout=max(1, round(timeout_s)),
-            options=f"-c statement_timeout={int(timeout_s * 1000)}",
-        ) as conn:
+        with _pg(settings, timeout_s) as conn:
             conn.execute("SELECT 1")
         return "SELECT 1 answered"
 
@@ -173,17 +178,10 @@ def check_backlog(settings: Settings, max_age_s: float, timeout_s: float) -> Che
 
 def check_schema(settings: Settings, timeout_s: float) -> Check:
     """afterwrite's tables are all there (else the one missing-schema line)."""
-    import psycopg
-
     from afterwrite.worker.operations.schema import SCHEMA_MISSING, missing_tables
 
     def probe() -> str:
-        with psycopg.connect(
-            settings.require_database_url(),
-            autocommit=True,
-            connect_timeout=max(1, round(timeout_s)),
-            options=f"-c statement_timeout={int(timeout_s * 1000)}",
-        ) as conn:
+        with _pg(settings, timeout_s) as conn:
             if missing_tables(conn):
                 raise Verdict(SCHEMA_MISSING)
         return "afterwrite's tables are there"
