@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from afterwrite.core import logs
+from afterwrite.core.errors import ConfigurationError
 from afterwrite.core.settings import Settings
 
 DEFAULT_TIMEOUT_S = 2.0
@@ -50,9 +51,9 @@ class HealthReport:
         return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
 
 
-class Verdict(Exception):
-    """Raised by a probe that reached its service and found it wanting: the message alone is
-    the check's detail (no exception type in front of it)."""
+class Verdict(ConfigurationError):
+    """Raised by a probe that reached its service and found the setup wanting (no schema):
+    the message alone is the check's detail, with no exception type in front of it."""
 
 
 def _timed(name: str, probe: Callable[[], str]) -> Check:
