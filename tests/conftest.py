@@ -159,3 +159,15 @@ def _clean(endpoints: Endpoints) -> None:
 def _drop(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_database(endpoints: Endpoints) -> Iterator[str]:
+    """The URL of a database of its own with no schema at all (``afterwrite migrate`` never ran
+    on it); dropped after the test."""
+    name = f"afterwrite_test_empty_{os.getpid()}"
+    url = ensure_database(endpoints.database_url, name, recreate=True)
+    try:
+        yield url
+    finally:
+        _drop(endpoints.database_url, name)

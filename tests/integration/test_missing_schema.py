@@ -6,15 +6,10 @@ Runs the real console entry point in subprocesses against a fresh, empty databas
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psycopg
-import pytest
-
-from afterwrite.demo.services import Endpoints, ensure_database
 
 MESSAGE = (
     "afterwrite: the database has no afterwrite schema (or an old one): run `afterwrite migrate`"
@@ -28,17 +23,6 @@ COMMANDS = [
     ["dlq", "purge"],
     ["export", "query"],
 ]
-
-
-@pytest.fixture
-def empty_database(endpoints: Endpoints) -> Iterator[str]:
-    name = f"afterwrite_test_noschema_{os.getpid()}"
-    url = ensure_database(endpoints.database_url, name, recreate=True)
-    try:
-        yield url
-    finally:
-        with psycopg.connect(endpoints.database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,6 @@ import httpx
 import psycopg
 import pytest
 
-from afterwrite.demo.services import Endpoints, ensure_database
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,22 +153,11 @@ def test_the_procfile_runs_under_honcho_stores_records_and_stops_gracefully(
     assert "Application shutdown complete" in output  # uvicorn's lifespan ran: client closed
 
 
-@pytest.fixture
-def fresh_database(endpoints: Endpoints) -> Iterator[str]:
-    name = f"afterwrite_test_migrate_{os.getpid()}"
-    url = ensure_database(endpoints.database_url, name, recreate=True)
-    try:
-        yield url
-    finally:
-        with psycopg.connect(endpoints.database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_concurrent_migrations_wait_for_each_other(
-    base_env: dict[str, str], fresh_database: str
+    base_env: dict[str, str], empty_database: str
 ) -> None:
     """Every worker line migrates before it starts: several at once on an empty database."""
-    env = {**base_env, "AFTERWRITE_DATABASE_URL": fresh_database}
+    env = {**base_env, "AFTERWRITE_DATABASE_URL": empty_database}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "afterwrite.cli.main", "migrate"],
@@ -183,7 +171,7 @@ def test_concurrent_migrations_wait_for_each_other(
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out
-    with psycopg.connect(fresh_database) as conn:
+    with psycopg.connect(empty_database) as conn:
         versions = conn.execute("SELECT count(*) FROM alembic_version").fetchone()
         tables = conn.execute("SELECT to_regclass('index_builds') IS NOT NULL").fetchone()
     assert versions is not None
