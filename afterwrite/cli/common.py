@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from afterwrite.core.errors import SettingsError
+from afterwrite.core.errors import ConfigurationError, SettingsError
 from afterwrite.worker.operations.schema import SCHEMA_MISSING, missing_tables
 
 if TYPE_CHECKING:  # pydantic loads only when a command reads its settings: --help stays quick
@@ -125,8 +125,9 @@ def require_schema(settings: Settings) -> None:
 
 class Group(click.Group):
     """The ``afterwrite`` group: a command that meets a missing table or column prints
-    :data:`SCHEMA_MISSING` and exits 2, instead of a traceback. Sub-groups (``dlq``,
-    ``index``) run inside this one's ``invoke``, so one place covers every command."""
+    :data:`SCHEMA_MISSING` and exits 2, instead of a traceback; so does any other
+    configuration error (:class:`afterwrite.ConfigurationError`), with its message. Sub-groups
+    (``dlq``, ``index``) run inside this one's ``invoke``, so one place covers every command."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -134,4 +135,6 @@ class Group(click.Group):
         except Exception as exc:
             if is_schema_error(exc):
                 fail(SCHEMA_MISSING, EXIT_SETUP)
+            if isinstance(exc, ConfigurationError):
+                fail(str(exc), EXIT_SETUP)
             raise

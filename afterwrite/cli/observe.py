@@ -215,7 +215,9 @@ def status_tables(report: Status) -> list[Table]:
         for name, value in e.counters.items():
             emb.add_row(safe(name), f"{value:,}")
         out.append(emb)
-    idx = Table(title="indexes")
+    idx = Table(title=f"indexes in {safe(report.index_dir)}" if report.index_dir else "indexes")
+    if report.index_dir_problem:
+        idx.caption = safe(report.index_dir_problem)
     for col in ("collection", "version", "vectors", "age", "last publish", "type", "model"):
         idx.add_column(col)
     for i in report.indexes:

@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     """Celery broker URL; defaults to ``redis_url``."""
     data_dir: Path = Path(".afterwrite")
-    """Where the demo keeps private PostgreSQL/Redis data when no URLs are configured."""
+    """Where the demo keeps private PostgreSQL/Redis data when no URLs are configured, and the
+    default parent of the spill journal and the indexes. A relative path is taken from the
+    working directory of the process reading the settings: deployments set an absolute one."""
 
     # --- streams ----------------------------------------------------------------------------
     stream_prefix: str = "afterwrite"
@@ -97,6 +99,14 @@ class Settings(BaseSettings):
     new entries are dropped and counted; ones already spilled are kept. 0 disables spilling."""
     spill_replay_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
     """How often a producer looks for spilled entries to replay (its own and other processes')."""
+
+    @field_validator("data_dir", "spill_dir", "index_dir")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        # Pinned when the settings are read, so a process that changes directory later (a
+        # daemonised worker, a test) keeps writing where it said it would, and status shows
+        # where that is.
+        return None if v is None else v.expanduser().absolute()
 
     @field_validator("producer_mode")
     @classmethod

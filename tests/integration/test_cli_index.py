@@ -98,3 +98,40 @@ def test_search_without_a_database_still_shows_ids_and_scores(
     hits = json.loads(result.stdout)["hits"]
     assert [set(h) for h in hits] == [{"doc_id", "score", "text", "metadata"}] * 2
     assert all(h["text"] is None for h in hits)
+
+
+def test_an_index_directory_serves_one_database(
+    env: dict[str, str],
+    settings: Settings,
+    pg: psycopg.Connection[Any],
+    empty_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two databases pointed at one index directory (the relative default, used from one
+    checkout): the second neither publishes over the first's indexes nor lists them."""
+    add(pg, "docs", random_unit(40, 384), model=settings.collection_model("docs"))
+    assert CliRunner().invoke(main, ["index", "rebuild", "docs"]).exit_code == 0
+
+    monkeypatch.setenv("AFTERWRITE_DATABASE_URL", empty_database)
+    assert CliRunner().invoke(main, ["migrate"]).exit_code == 0
+    with psycopg.connect(empty_database, autocommit=True) as other:
+        add(other, "docs", random_unit(10, 384, seed=1), model=settings.collection_model("docs"))
+    refused = CliRunner().invoke(main, ["index", "rebuild", "docs"])
+    assert refused.exit_code == 2, refused.output
+    assert "belongs to database" in refused.stderr
+    assert "AFTERWRITE_INDEX_DIR" in refused.stderr
+
+    status = CliRunner().invoke(main, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    report = json.loads(status.stdout)
+    assert report["indexes"] == []
+    assert report["index_dir"] == str(settings.index_path)
+    assert "belongs to database" in report["index_dir_problem"]
+
+    # The first database's index is untouched: still 40 vectors at v1.
+    monkeypatch.setenv("AFTERWRITE_DATABASE_URL", env["AFTERWRITE_DATABASE_URL"])
+    mine = json.loads(CliRunner().invoke(main, ["status", "--json"]).stdout)
+    assert [(i["collection"], i["version"], i["vector_count"]) for i in mine["indexes"]] == [
+        ("docs", 1, 40)
+    ]
+    assert mine["index_dir_problem"] is None

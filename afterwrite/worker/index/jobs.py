@@ -28,7 +28,7 @@ from afterwrite.vectorindex import files
 from afterwrite.vectorindex.build import TUNE_RECALL_TARGET, build_index
 from afterwrite.vectorindex.choose import choose_index
 from afterwrite.worker.index import delta as deltas
-from afterwrite.worker.index import publish, source
+from afterwrite.worker.index import owner, publish, source
 from afterwrite.worker.index.lock import BUILD, DELTA, LockBusy, collection_lock
 
 log = logging.getLogger("afterwrite.index")
@@ -102,10 +102,11 @@ def rebuild(
     check_collection(collection)
     url = settings.require_database_url()
     directory = publish.collection_dir(settings.index_path, collection)
-    directory.mkdir(parents=True, exist_ok=True)
     started = _now()
     try:
         with collection_lock(url, BUILD, collection) as conn:
+            owner.claim(settings, conn.info.dbname)
+            directory.mkdir(parents=True, exist_ok=True)
             return _rebuild_locked(settings, conn, directory, collection, force, progress, started)
     except LockBusy as exc:
         return _skip(None, collection, str(exc), started, record=False)
@@ -370,6 +371,7 @@ def _refresh_one(
     url = settings.require_database_url()
     try:
         with collection_lock(url, DELTA, collection, wait_s=wait_s) as conn:
+            owner.claim(settings, conn.info.dbname)
             manifest = files.read_manifest(directory)
             if manifest is None:
                 return {"collection": collection, "published": False, "why": "no index"}
@@ -485,6 +487,7 @@ def rollback(settings: Settings, collection: str, to: int | None = None) -> dict
         collection_lock(url, BUILD, collection, wait_s=30.0),
         collection_lock(url, DELTA, collection, wait_s=30.0) as conn,
     ):
+        owner.claim(settings, conn.info.dbname)
         result = publish.rollback(directory, collection, to)
         # The version served again gets a delta of everything since its build (its old delta
         # file is stale: deletions since then would come back). Readers see the stale one

@@ -23,6 +23,7 @@ from afterwrite.core.settings import Settings
 from afterwrite.models.embedding import EMBED_KIND
 from afterwrite.models.registry import kinds
 from afterwrite.worker import problems
+from afterwrite.worker.index import owner
 from afterwrite.worker.operations.freshness import Distribution, collect_freshness
 from afterwrite.worker.problems import Problem
 
@@ -99,6 +100,10 @@ class Status:
     indexes: list[IndexStatus] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     """Tasks stopped by a configuration error (afterwrite.worker.problems)."""
+    index_dir: str = ""
+    """The index directory, absolute (``AFTERWRITE_INDEX_DIR``, else ``<data dir>/indexes``)."""
+    index_dir_problem: str | None = None
+    """Why ``indexes`` is empty although the directory holds some: another database's."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,8 +232,10 @@ def index_status(
             "WHERE status = 'published' AND finished_at IS NOT NULL GROUP BY collection"
         ):
             publishes[str(collection)] = max(0.0, float(age))
-    out = []
+    out: list[IndexStatus] = []
     root = settings.index_path
+    if conn is not None and owner.mismatch(settings, conn.info.dbname) is not None:
+        return out  # another database's indexes (collect() says so)
     for manifest_path in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
         m = read_manifest(manifest_path)
         if m is None:
@@ -263,6 +270,17 @@ def collect(settings: Settings) -> Status:
             freshness = collect_freshness(conn, list(kinds))
             embeddings = embedding_status(r, conn, settings) if EMBED_KIND in kinds else None
             indexes = index_status(settings, conn)
+            foreign = owner.mismatch(settings, conn.info.dbname)
     finally:
         r.close()
-    return Status(streams, tables, dead, freshness, embeddings, indexes, stopped)
+    return Status(
+        streams,
+        tables,
+        dead,
+        freshness,
+        embeddings,
+        indexes,
+        stopped,
+        index_dir=str(settings.index_path),
+        index_dir_problem=foreign,
+    )
