@@ -19,11 +19,21 @@ def test_one_bar_per_group_in_each_panel_scaled_to_the_largest() -> None:
     svg = svg_chart(ROWS)
     calls = re.findall(r'<rect class="calls" [^>]*width="([\d.]+)"', svg)
     p95 = re.findall(r'<rect class="p95" [^>]*width="([\d.]+)"', svg)
-    assert len(calls) == len(p95) == 3
+    assert len(calls) == 3
+    assert len(p95) == 2  # the group with no latency recorded has no bar
     assert float(calls[0]) == 2 * float(calls[1]) > 0
     assert float(p95[0]) == 2 * float(p95[1])
-    assert float(p95[2]) == 0  # no latency known
     assert "(none)" in svg
+
+
+def test_unknown_latency_reads_as_in_the_table_not_as_zero() -> None:
+    page = html_page([_row("known", 5, 0.2), _row("unknown", 1, None)], title="t")
+    svg = svg_chart([_row("known", 5, 0.2), _row("unknown", 1, None)])
+    labels = re.findall(r"<text [^>]*>([^<]*)</text>", svg)
+    assert "0.2 ms" in labels  # a real 0.2 ms p95 is drawn and labelled as such
+    assert [t for t in labels if t.endswith(" ms")] == ["0.2 ms"]  # ...the unknown one is not
+    assert re.search(r">-</text>", svg)
+    assert "<td>-</td>" in page
 
 
 def test_page_is_self_contained_and_escapes_labels() -> None:

@@ -38,26 +38,34 @@ def _fmt_ms(value: float | None) -> str:
 
 
 def _panel(
-    rows: Sequence[UsageRow], values: Sequence[float], x0: int, css: str, title: str, unit: str
+    rows: Sequence[UsageRow],
+    values: Sequence[float | None],
+    x0: int,
+    css: str,
+    title: str,
+    unit: str,
 ) -> list[str]:
-    top = max(values, default=0.0) or 1.0
+    """One panel; a value of None (no latency recorded) gets no bar and "-", as in the table."""
+    top = max((v for v in values if v is not None), default=0.0) or 1.0
     parts = [f'<text x="{x0}" y="{TOP_PX - 12}" font-weight="bold">{escape(title)}</text>']
     for i, (row, value) in enumerate(zip(rows, values, strict=True)):
         y = TOP_PX + i * (BAR_HEIGHT_PX + BAR_GAP_PX)
+        if value is None:
+            parts.append(f'<text x="{x0 + 4}" y="{y + BAR_HEIGHT_PX - 6}">-</text>')
+            continue
         width = round(value / top * (PANEL_WIDTH_PX - 90), 1)
         parts.append(
             f'<rect class="{css}" x="{x0}" y="{y}" width="{width}" height="{BAR_HEIGHT_PX}" '
             f'fill="{_FILLS[css]}">'
             f"<title>{escape(_label(row))}: {value:,.1f}{unit}</title></rect>"
         )
-        parts.append(
-            f'<text x="{x0 + width + 4}" y="{y + BAR_HEIGHT_PX - 6}">{value:,.0f}{unit}</text>'
-        )
+        shown = f"{value:,.1f}" if 0 < value < 10 else f"{value:,.0f}"  # 0.2 ms is not "0 ms"
+        parts.append(f'<text x="{x0 + width + 4}" y="{y + BAR_HEIGHT_PX - 6}">{shown}{unit}</text>')
     return parts
 
 
 def svg_chart(rows: Sequence[UsageRow]) -> str:
-    """An ``<svg>`` element: calls and p95 latency (0 where unknown) per row."""
+    """An ``<svg>`` element: calls and p95 latency ("-" and no bar where unknown) per row."""
     height = TOP_PX + len(rows) * (BAR_HEIGHT_PX + BAR_GAP_PX) + 10
     width = LABEL_WIDTH_PX + 2 * PANEL_WIDTH_PX + PANEL_GAP_PX
     parts = [
@@ -73,7 +81,7 @@ def svg_chart(rows: Sequence[UsageRow]) -> str:
     parts += _panel(rows, [float(r.calls) for r in rows], LABEL_WIDTH_PX, "calls", "calls", "")
     parts += _panel(
         rows,
-        [r.p95_latency_ms or 0.0 for r in rows],
+        [r.p95_latency_ms for r in rows],
         LABEL_WIDTH_PX + PANEL_WIDTH_PX + PANEL_GAP_PX,
         "p95",
         "p95 latency",
