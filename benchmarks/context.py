@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,12 +173,16 @@ def open_bench(
     with demo_endpoints(settings, data_dir, console) as ep:
         # The endpoint's server, not its database: the bench gets a database of its own.
         db_url = ensure_database(ep.database_url, database, recreate=True)
+        index_dir = data_dir / "bench-indexes" / database
+        shutil.rmtree(index_dir, ignore_errors=True)
         bench_settings = settings.model_copy(
             update={
                 "database_url": db_url,
                 "redis_url": ep.redis_url,
                 "broker_url": broker_url_for(ep.redis_url, broker_db),
                 "stream_prefix": BENCH_STREAM_PREFIX,
+                # Indexes of its own, like its database: never the demo's (OWNER.json).
+                "index_dir": index_dir,
             }
         )
         migrations.upgrade(bench_settings.sqlalchemy_url())
