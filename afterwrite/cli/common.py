@@ -137,4 +137,26 @@ class Group(click.Group):
                 fail(SCHEMA_MISSING, EXIT_SETUP)
             if isinstance(exc, ConfigurationError):
                 fail(str(exc), EXIT_SETUP)
+            unreachable = unreachable_service(exc)
+            if unreachable is not None:
+                fail(unreachable, EXIT_UNAVAILABLE)
             raise
+
+
+EXIT_UNAVAILABLE = 1
+"""Exit code when PostgreSQL or Redis cannot be reached (or refuse the connection)."""
+
+
+def unreachable_service(exc: BaseException) -> str | None:
+    """One line for a connection that failed (wrong URL, server down, a database that does not
+    exist, bad credentials), or None when ``exc`` is something else. Without a traceback: the
+    message names the server and what it said."""
+    import psycopg
+    import redis
+
+    if isinstance(exc, psycopg.OperationalError) and "connection" in str(exc).lower():
+        said = " ".join(str(exc).split())
+        return f"cannot use PostgreSQL (AFTERWRITE_DATABASE_URL): {said}"
+    if isinstance(exc, redis.ConnectionError | redis.AuthenticationError | redis.TimeoutError):
+        return f"cannot use Redis (AFTERWRITE_REDIS_URL): {' '.join(str(exc).split())}"
+    return None

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, fail, safe
+from afterwrite.cli.common import EXIT_UNAVAILABLE, cli_settings, fail, safe, unreachable_service
 from afterwrite.worker.operations.usage_rows import GROUP_BYS, GroupBy, UsageRow
 
 _KEY_TITLES = {"model": "model", "user": "user", "day": "day (UTC)", "mode": "mode"}
@@ -112,7 +112,7 @@ def stats_cmd(
     except SettingsError as exc:
         fail(str(exc))
     except psycopg.OperationalError as exc:
-        fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+        fail(unreachable_service(exc) or str(exc), EXIT_UNAVAILABLE)
     with conn:
         rows = usage(
             conn,

@@ -31,7 +31,14 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from afterwrite.cli.common import EXIT_SETUP, cli_settings, fail, is_schema_error
+from afterwrite.cli.common import (
+    EXIT_SETUP,
+    EXIT_UNAVAILABLE,
+    cli_settings,
+    fail,
+    is_schema_error,
+    unreachable_service,
+)
 from afterwrite.core.errors import SettingsError
 from afterwrite.worker.operations.schema import SCHEMA_MISSING
 
@@ -72,7 +79,7 @@ def _connect(settings: Settings, application_name: str, **kwargs: Any) -> Any:
     except SettingsError as exc:
         fail(str(exc))
     except psycopg.OperationalError as exc:
-        fail(f"cannot connect to PostgreSQL: {str(exc).strip()}")
+        fail(unreachable_service(exc) or str(exc), EXIT_UNAVAILABLE)
 
 
 def _time(value: str | None) -> datetime | None:
