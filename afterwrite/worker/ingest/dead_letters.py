@@ -93,8 +93,8 @@ def display_json(payload: Any) -> str | None:
         return None
     try:
         text = _json_encode(payload).decode()
-    except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
-        return None
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
+        return None  # nested deeper than the encoder goes: payload_raw keeps the bytes
     return text.replace("\\u0000", "\\\\u0000")
 
 
