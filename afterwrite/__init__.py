@@ -2,7 +2,7 @@
 
 The public API::
 
-    from afterwrite import Client, AsyncClient, IndexReader, Receipt, Outcome
+    from afterwrite import Client, AsyncClient, IndexReader, Hit, Receipt, Outcome
     from afterwrite import Error, ConfigurationError, TransientError, PoisonError
 
 Names are imported on first use, so ``import afterwrite`` costs almost nothing, recording loads
@@ -28,11 +28,13 @@ if TYPE_CHECKING:
     from afterwrite.producer.aio import AsyncClient
     from afterwrite.producer.client import Client
     from afterwrite.producer.records import Outcome, ProducerStats, Receipt
+    from afterwrite.readers.hits import Hit
     from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 
 _LAZY = {
     "AsyncClient": "afterwrite.producer.aio",
     "Client": "afterwrite.producer.client",
+    "Hit": "afterwrite.readers.hits",
     "IndexReader": "afterwrite.readers.index_reader",
     "IndexUnavailable": "afterwrite.readers.index_reader",
     "Outcome": "afterwrite.producer.records",
@@ -46,6 +48,7 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "Error",
+    "Hit",
     "IndexReader",
     "IndexUnavailable",
     "Outcome",

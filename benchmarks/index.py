@@ -18,7 +18,7 @@ import struct
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,11 @@ def insert_vectors(
     start: int = 0,
     chunk_rows: int = 50_000,
     progress: Callable[[int, int], None] | None = None,
+    documents: Callable[[int], tuple[str | None, dict[str, Any] | None]] | None = None,
 ) -> list[str]:
     """COPY (binary, built with numpy) one ``embeddings`` row per vector; doc ids
-    ``<doc_prefix><start + i, 9 digits>``. Returns the doc ids. Commits when ``conn`` does."""
+    ``<doc_prefix><start + i, 9 digits>``; ``documents(i)`` gives row i's text and metadata.
+    Returns the doc ids. Commits when ``conn`` does."""
     n, dim = vectors.shape
     coll_b = collection.encode()
     model_b = model.encode()
@@ -100,12 +102,14 @@ def insert_vectors(
     dtype = _row_dtype(len(coll_b), doc_w, len(model_b), dim)
     now_us = int(time.time() * 1_000_000) - _PG_EPOCH_US
     cols = "collection, doc_id, job_id, model, dim, vector, enqueued_at, committed_at"
+    if documents is not None:
+        cols += ", text, metadata"
     with conn.cursor().copy(f"COPY embeddings ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.write(COPY_SIGNATURE + struct.pack(">ii", 0, 0))
         for lo in range(0, n, chunk_rows):
             hi = min(n, lo + chunk_rows)
             rows = np.zeros(hi - lo, dtype=dtype)
-            rows["nf"] = 8
+            rows["nf"] = 8 if documents is None else 10
             rows["l_coll"], rows["coll"] = len(coll_b), coll_b
             rows["l_doc"] = doc_w
             rows["doc"] = np.array([d.encode() for d in doc_ids[lo:hi]], dtype=f"S{doc_w}")
@@ -118,24 +122,118 @@ def insert_vectors(
             rows["l_vec"], rows["vec"] = 4 * dim, vectors[lo:hi]
             rows["l_enq"], rows["enq"] = 8, now_us
             rows["l_com"], rows["com"] = 8, now_us
-            copy.write(rows.tobytes())
+            if documents is None:
+                copy.write(rows.tobytes())
+            else:
+                fixed = rows.tobytes()
+                w = dtype.itemsize
+                copy.write(
+                    b"".join(
+                        fixed[j * w : (j + 1) * w] + _document_fields(*documents(start + lo + j))
+                        for j in range(hi - lo)
+                    )
+                )
             if progress is not None:
                 progress(hi, n)
         copy.write(struct.pack(">h", -1))
     return doc_ids
 
 
+def _document_fields(text: str | None, metadata: dict[str, Any] | None) -> bytes:
+    """Binary COPY fields ``text, metadata`` (jsonb: version byte 1, then the JSON text)."""
+    import json
+
+    out = b""
+    if text is None:
+        out += struct.pack(">i", -1)
+    else:
+        raw = text.encode()
+        out += struct.pack(">i", len(raw)) + raw
+    if metadata is None:
+        return out + struct.pack(">i", -1)
+    meta = b"\x01" + json.dumps(metadata).encode()
+    return out + struct.pack(">i", len(meta)) + meta
+
+
+def set_documents(
+    conn: psycopg.Connection[Any],
+    collection: str,
+    doc_ids: Sequence[str],
+    texts: Sequence[str | None],
+    metadatas: Sequence[Mapping[str, Any] | None],
+    *,
+    chunk_rows: int = 100_000,
+) -> None:
+    """Set the text and metadata of ``doc_ids`` (as the embedding stage stores them, without
+    moving ``seq``: for rows about to be built, not changes after a build)."""
+    import json
+
+    for lo in range(0, len(doc_ids), chunk_rows):
+        hi = lo + chunk_rows
+        conn.execute(
+            "UPDATE embeddings e SET text = u.text, metadata = u.metadata::jsonb"
+            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(doc_id, text, metadata)"
+            " WHERE e.collection = %s AND e.doc_id = u.doc_id",
+            (
+                list(doc_ids[lo:hi]),
+                list(texts[lo:hi]),
+                [None if m is None else json.dumps(m) for m in metadatas[lo:hi]],
+                collection,
+            ),
+        )
+
+
 def _latency_ms(search: Callable[[npt.NDArray[np.float32]], Any], queries: Any) -> dict[str, float]:
     times = []
+    cpu0 = time.process_time()
     for q in queries:
         t0 = time.perf_counter()
         search(q)
         times.append((time.perf_counter() - t0) * 1000)
+    cpu_ms = (time.process_time() - cpu0) * 1000 / max(len(times), 1)
     arr = np.asarray(times)
     return {
         "p50_ms": round(float(np.percentile(arr, 50)), 3),
         "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        "cpu_ms_per_search": round(cpu_ms, 3),
     }
+
+
+FILTERS: dict[str, tuple[float, dict[str, Any]]] = {
+    "50%": (0.5, {"lang": "en"}),
+    "1%": (0.01, {"shard": 7}),
+    "0.1%": (0.001, {"slot": "t007"}),
+}
+"""Filtered searches measured, with the share of documents each matches
+(see :func:`bench_document`)."""
+
+
+def bench_document(i: int) -> tuple[str, dict[str, Any]]:
+    """Row ``i``'s text and metadata in the benchmark: ``lang`` splits 50/50, ``shard`` is one
+    of 100, ``slot`` one of 1,000 (independent of the vectors' clusters)."""
+    return (
+        f"benchmark document {i}: a short passage of text about topic {i % 977}",
+        {"lang": "en" if i % 2 else "de", "shard": i % 100, "slot": f"t{i % 1000:03d}"},
+    )
+
+
+def _filtered_search(reader: Any, q: Any, n: int) -> dict[str, Any]:
+    """p50 / p99 of ``search(..., where=...)`` per filter, the path it takes, and a check that
+    every answer has 10 matching hits."""
+    from afterwrite.vectorindex.filtered import choose_path
+
+    out: dict[str, Any] = {}
+    for name, (share, where) in FILTERS.items():
+        [(key, value)] = where.items()
+        for hit in reader.search(q[0], 10, where=where):
+            if hit.metadata[key] != value:
+                raise RuntimeError(f"filter {where} returned {hit}")
+
+        def search(v: npt.NDArray[np.float32], w: dict[str, Any] = where) -> Any:
+            return reader.search(v, 10, where=w)
+
+        out[name] = {**_latency_ms(search, q), "path": choose_path(int(n * share), n, 10)[0]}
+    return out
 
 
 def measure_index(
@@ -186,6 +284,7 @@ def _measure_size(
     import faiss
 
     from afterwrite.readers.index_reader import IndexReader
+    from afterwrite.vectorindex import files
     from afterwrite.vectorindex.build import build_index, sample_queries
     from afterwrite.vectorindex.choose import Choice
     from afterwrite.worker.index import jobs
@@ -197,7 +296,10 @@ def _measure_size(
         conn.execute("DELETE FROM index_builds WHERE collection = %s", (collection,))
         t0 = time.perf_counter()
         with conn.transaction():
-            insert_vectors(conn, collection, x, model=settings.collection_model(collection))
+            insert_vectors(
+                conn, collection, x, model=settings.collection_model(collection),
+                documents=bench_document,
+            )  # fmt: skip
         insert_s = time.perf_counter() - t0
     log(f"{n:,}: inserted in {insert_s:.1f}s; rebuilding")
     t0 = time.perf_counter()
@@ -223,6 +325,12 @@ def _measure_size(
         "file_mb": round(report["file_bytes"] / 2**20, 1),
         "reader_load_s": round(load_s, 3),
         "search": search,
+        "filtered_search": _filtered_search(reader, q, n),
+        "documents_bytes_per_doc": round(
+            (settings.index_path / collection / files.meta_file(report["version"])).stat().st_size
+            / n,
+            1,
+        ),
     }
     flat = faiss.IndexFlatIP(dim)
     flat.add(x)

@@ -40,6 +40,7 @@ def run_suites(
 
                 out["index"] = index = measure_index(settings=b.settings, log=console.print)
                 console.print(_index_table(index))
+                console.print(_filtered_table(index))
             if "loadtest" in suites:
                 from benchmarks.loadtest import run_loadtest
 
@@ -89,6 +90,30 @@ def _index_table(f: dict[str, Any]) -> Table:
             f"{r.get('recall_at_10') or 0:.3f}",
             f"{r.get('reader_load_s', 0):.2f} s",
         )
+    return t
+
+
+def _filtered_table(f: dict[str, Any]) -> Table:
+    t = Table(title="filtered search, k=10 (target at 1M vectors, 1 % filter: p99 ≤ 20 ms)")
+    for col in ("vectors", "filter", "path", "p50", "p99", "CPU/search"):
+        t.add_column(col, justify="right")
+    for n, r in f["sizes"].items():
+        for name, m in r.get("filtered_search", {}).items():
+            t.add_row(
+                f"{int(n):,}",
+                name,
+                m["path"],
+                f"{m['p50_ms']:.2f} ms",
+                f"{m['p99_ms']:.2f} ms",
+                f"{m['cpu_ms_per_search']:.2f} ms",
+            )
+        search = r.get("search", {})
+        unfiltered = next((v for k, v in search.items() if k.startswith("reader")), None)
+        if unfiltered:
+            t.add_row(
+                f"{int(n):,}", "none", "", f"{unfiltered['p50_ms']:.2f} ms",
+                f"{unfiltered['p99_ms']:.2f} ms", f"{unfiltered['cpu_ms_per_search']:.2f} ms",
+            )  # fmt: skip
     return t
 
 

@@ -7,8 +7,11 @@ Run it (with ``AFTERWRITE_REDIS_URL`` set and a worker draining)::
     uvicorn examples.webapp:app --port 8000
     curl -s localhost:8000/ask -H 'content-type: application/json' -d '{"query": "What is RAG?"}'
     curl -s localhost:8000/documents -H 'content-type: application/json' \\
-        -d '{"collection": "docs", "doc_id": "rag", "text": "RAG retrieves, then generates."}'
+        -d '{"collection": "docs", "doc_id": "rag", "text": "RAG retrieves, then generates.",
+             "metadata": {"lang": "en"}}'
     curl -s 'localhost:8000/search?collection=docs&q=retrieval'
+    curl -s -G localhost:8000/search -d collection=docs -d q=retrieval \\
+        --data-urlencode 'where={"lang": "en"}'
     curl -s -u "$AFTERWRITE_METRICS_USER:$AFTERWRITE_METRICS_PASSWORD" localhost:8000/metrics
 
 ``/metrics`` serves the producer's counters (records sent, spilled, dropped: what the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import os
 import time
 from collections import deque
@@ -78,6 +82,7 @@ class Document(BaseModel):
     collection: str
     doc_id: str
     text: str
+    metadata: dict[str, Any] | None = None
 
 
 class Recorded(BaseModel):
@@ -88,6 +93,8 @@ class Recorded(BaseModel):
 class Hit(BaseModel):
     doc_id: str
     score: float
+    text: str | None
+    metadata: dict[str, Any] | None
 
 
 class SearchResult(BaseModel):
@@ -135,7 +142,9 @@ class Recording(Protocol):
 
     async def metric(self, name: str, value: float, tags: dict[str, str]) -> tuple[str, str]: ...
 
-    async def embed(self, collection: str, doc_id: str, text: str) -> tuple[str, str]: ...
+    async def embed(
+        self, collection: str, doc_id: str, text: str, metadata: dict[str, Any] | None = None
+    ) -> tuple[str, str]: ...
 
     async def close(self) -> None: ...
 
@@ -160,8 +169,10 @@ class DirectRecording:
         r = await self.client.record_metric(name, value, tags=tags)
         return str(r), r.outcome.value
 
-    async def embed(self, collection: str, doc_id: str, text: str) -> tuple[str, str]:
-        r = await self.client.embed(collection, doc_id, text)
+    async def embed(
+        self, collection: str, doc_id: str, text: str, metadata: dict[str, Any] | None = None
+    ) -> tuple[str, str]:
+        r = await self.client.embed(collection, doc_id, text, metadata)
         return str(r), r.outcome.value
 
     async def close(self) -> None:
@@ -188,8 +199,10 @@ class BackgroundRecording:
         r = self.client.record_metric(name, value, tags=tags)
         return str(r), r.outcome.value
 
-    async def embed(self, collection: str, doc_id: str, text: str) -> tuple[str, str]:
-        r = self.client.embed(collection, doc_id, text)
+    async def embed(
+        self, collection: str, doc_id: str, text: str, metadata: dict[str, Any] | None = None
+    ) -> tuple[str, str]:
+        r = self.client.embed(collection, doc_id, text, metadata)
         return str(r), r.outcome.value
 
     async def close(self) -> None:
@@ -247,7 +260,9 @@ class SyncOrmRecording:
         await run_in_threadpool(self._commit, point)
         return event_id, "committed"
 
-    async def embed(self, collection: str, doc_id: str, text: str) -> tuple[str, str]:
+    async def embed(
+        self, collection: str, doc_id: str, text: str, metadata: dict[str, Any] | None = None
+    ) -> tuple[str, str]:
         from afterwrite.core.collections import check_collection, check_doc_id
         from afterwrite.core.ids import uuid7_str
         from afterwrite.models.embedding import EmbeddingJob
@@ -264,6 +279,7 @@ class SyncOrmRecording:
             doc_id=doc_id,
             op="upsert",
             text=text,
+            meta=metadata,
         )
         await run_in_threadpool(self._commit, job)
         return event_id, "committed"
@@ -423,26 +439,36 @@ def _add_routes(app: FastAPI, delay_s: float) -> None:
         """Have a document embedded into ``collection``; searchable within seconds."""
         rec: Recording = request.app.state.recording
         try:
-            event_id, outcome = await rec.embed(body.collection, body.doc_id, body.text)
+            event_id, outcome = await rec.embed(
+                body.collection, body.doc_id, body.text, body.metadata
+            )
         except ValueError as exc:  # a bad collection name, doc id or empty text
             raise HTTPException(422, str(exc)) from None
         return Recorded(event_id=event_id, recorded=outcome)
 
     @app.get("/search")
-    async def search(collection: str, q: str, request: Request, k: int = 5) -> SearchResult:
-        """The ``k`` documents of ``collection`` nearest to ``q`` (its published index)."""
+    async def search(
+        collection: str, q: str, request: Request, k: int = 5, where: str | None = None
+    ) -> SearchResult:
+        """The ``k`` documents of ``collection`` nearest to ``q`` (its published index), with
+        their text and metadata; ``where`` is a JSON metadata filter,
+        ``{"lang": ["en", "de"]}``: the true top ``k`` among the documents it matches."""
         from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 
         readers: dict[str, IndexReader] = request.app.state.readers
         if not 1 <= k <= 100:
             raise HTTPException(422, "k must be between 1 and 100")
         try:
+            conditions = None if where is None else json.loads(where)
+        except ValueError as exc:
+            raise HTTPException(422, f"where is not JSON: {exc}") from None
+        try:
             reader = readers.get(collection)
             if reader is None:
                 reader = await run_in_threadpool(IndexReader, collection)
                 readers[collection] = reader
             # embedding the query and searching are CPU work: off the event loop
-            hits = await run_in_threadpool(reader.search, q, k)
+            hits = await run_in_threadpool(lambda: reader.search(q, k, where=conditions))
         except IndexUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
         except ValueError as exc:
@@ -450,7 +476,9 @@ def _add_routes(app: FastAPI, delay_s: float) -> None:
         return SearchResult(
             collection=collection,
             version=reader.version,
-            hits=[Hit(doc_id=d, score=s) for d, s in hits],
+            hits=[
+                Hit(doc_id=h.doc_id, score=h.score, text=h.text, metadata=h.metadata) for h in hits
+            ],
         )
 
     @app.get("/healthz")

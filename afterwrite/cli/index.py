@@ -7,7 +7,6 @@ afterwrite.cli.common.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -151,26 +150,35 @@ def index_rollback(collection: str, to_version: int | None) -> None:
 @click.argument("collection")
 @click.argument("query")
 @click.option("-k", "k", type=click.IntRange(min=1, max=1000), default=10, show_default=True)
+@click.option(
+    "--where",
+    "where_json",
+    metavar="JSON",
+    help='Metadata filter: \'{"lang": ["en", "de"], "source": "wiki"}\' (equality; a list is'
+    " any of its values).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def search(collection: str, query: str, k: int, as_json: bool) -> None:
+def search(collection: str, query: str, k: int, where_json: str | None, as_json: bool) -> None:
     """Search COLLECTION's published index for QUERY (text, embedded with its model).
 
-    Prints each hit's id, score, and its text and metadata as stored in PostgreSQL now
-    (``embeddings``; left out when no database is configured or reachable).
+    Prints each hit's id, score, text and metadata, as the served index version stored them
+    (no database needed).
     """
     from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 
+    where = None
+    if where_json is not None:
+        try:
+            where = json.loads(where_json)
+        except ValueError as exc:
+            fail(f"--where is not JSON: {exc}")
     settings = cli_settings()
     try:
         reader = IndexReader(collection, settings=settings)
-        hits = reader.search(query, k)
+        hits = reader.search(query, k, where=where)
     except (IndexUnavailable, ValueError) as exc:
         fail(str(exc), code=1)
-    docs = _documents(settings, collection, [doc for doc, _ in hits])
-    unknown = {"text": None, "metadata": None}
-    rows = [
-        {"doc_id": doc, "score": score, **(docs or {}).get(doc, unknown)} for doc, score in hits
-    ]
+    rows = [h.as_dict() for h in hits]
     if as_json:
         click.echo(json.dumps({"version": reader.version, "hits": rows}, ensure_ascii=False))
         return
@@ -178,45 +186,20 @@ def search(collection: str, query: str, k: int, as_json: bool) -> None:
     table.add_column("#", justify="right")
     table.add_column("doc_id")
     table.add_column("score", justify="right")
-    if docs is not None:
-        table.add_column("text", overflow="fold")
-        table.add_column("metadata", overflow="fold")
+    table.add_column("text", overflow="fold")
+    table.add_column("metadata", overflow="fold")
     for i, row in enumerate(rows, 1):
-        cells = [str(i), safe(row["doc_id"]), f"{row['score']:.4f}"]
-        if docs is not None:
-            meta = row["metadata"]
-            cells += [
-                safe(_one_line(row["text"] or "-", 200)),
-                "-" if meta is None else safe(_one_line(json.dumps(meta), 120)),
-            ]
-        table.add_row(*cells)
+        meta = row["metadata"]
+        table.add_row(
+            str(i),
+            safe(row["doc_id"]),
+            f"{row['score']:.4f}",
+            safe(_one_line(row["text"] or "-", 200)),
+            "-" if meta is None else safe(_one_line(json.dumps(meta), 120)),
+        )
     console.print(table)
 
 
 def _one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _documents(
-    settings: Any, collection: str, doc_ids: list[str]
-) -> dict[str, dict[str, Any]] | None:
-    """Text and metadata of ``doc_ids`` from ``embeddings`` (the index holds only ids); None
-    when no database is configured or it cannot be read (the hits are still shown)."""
-    if not settings.database_url:
-        return None
-    import psycopg
-
-    try:
-        with psycopg.connect(
-            settings.require_database_url(), autocommit=True, connect_timeout=5
-        ) as conn:
-            found = conn.execute(
-                "SELECT doc_id, text, metadata FROM embeddings"
-                " WHERE collection = %s AND doc_id = ANY(%s) AND NOT deleted",
-                (collection, doc_ids),
-            ).fetchall()
-    except psycopg.Error as exc:
-        click.echo(f"afterwrite: texts not shown: {str(exc).strip()}", err=True)
-        return None
-    return {str(d): {"text": text, "metadata": meta} for d, text, meta in found}

@@ -245,6 +245,12 @@ class Settings(BaseSettings):
     index_recall_floor: Annotated[float, Field(ge=0, le=1)] = 0.9
     """A build whose recall@10 against exact search (on a sample) is below this is not
     published."""
+    index_text_max_bytes: Annotated[int, Field(ge=0, le=1_000_000)] = 2048
+    """Text kept per document in an index version (UTF-8, cut at a character boundary), what
+    ``IndexReader.search`` returns; 0 keeps none."""
+    index_metadata_max_bytes: Annotated[int, Field(ge=0, le=1_000_000)] = 1024
+    """Metadata kept per document in an index version (compact JSON); larger metadata keeps
+    its filterable keys that fit. Filtering always sees every filterable key."""
 
     # --- flower -----------------------------------------------------------------------------
     flower_user: str | None = None

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from afterwrite.core.collections import check_collection
 from afterwrite.core.errors import TransientError
+from afterwrite.readers.hits import Hit
 
 if TYPE_CHECKING:
     import faiss
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from afterwrite.core.settings import Settings
-    from afterwrite.vectorindex import files
+    from afterwrite.readers import searching
+    from afterwrite.vectorindex import documents, files
 
 log = logging.getLogger("afterwrite.index")
 
@@ -52,11 +54,12 @@ def _import_numpy_and_faiss() -> None:
     ``from afterwrite import IndexReader`` alone loads neither (a web process that records and
     never searches pays nothing); the first ``IndexReader(...)`` does.
     """
-    global faiss, np, files  # noqa: PLW0603  (module-level names, bound once)
+    global faiss, np, documents, files, searching  # noqa: PLW0603  (module-level names, bound once)
     import faiss
     import numpy as np
 
-    from afterwrite.vectorindex import files
+    from afterwrite.readers import searching
+    from afterwrite.vectorindex import documents, files
 
 
 class IndexUnavailable(TransientError, LookupError):
@@ -74,6 +77,8 @@ class _View:
     """FAISS search parameters masking the delta's ids (None: nothing masked)."""
     keep_alive: tuple[Any, ...] = ()
     """SWIG objects the parameters point to (they hold raw pointers)."""
+    delta_postings: dict[bytes, Any] | None = None
+    """The delta's filter postings (``documents.delta_postings``)."""
 
     @property
     def version(self) -> int:
@@ -167,32 +172,44 @@ class IndexReader:
         with self._lock:
             return self._check()
 
-    def search(self, vector_or_text: Any, k: int = 10) -> list[tuple[str, float]]:
-        """The ``k`` nearest documents as ``(doc_id, score)`` pairs, best first (score: cosine
-        similarity). Text is embedded with the model the served index was built with."""
+    @property
+    def filter_keys(self) -> dict[str, int]:
+        """Metadata keys ``where`` can filter on in the served version, with how many of its
+        documents have each (empty for a version built without documents)."""
+        view = self._view
+        docs = None if view is None else view.loaded.documents
+        return {} if docs is None else dict(docs.filter_keys)
+
+    def search(self, vector_or_text: Any, k: int = 10, *, where: Any = None) -> list[Hit]:
+        """The ``k`` nearest documents, best first, as :class:`Hit` (``doc_id``, ``score``:
+        cosine similarity, ``text``, ``metadata``; a hit unpacks as ``(doc_id, score)``).
+        Text is embedded with the model the served index was built with.
+
+        ``where`` keeps documents whose metadata has every key equal to its value, or to one
+        of its values when a list is given: ``{"lang": ["en", "de"], "source": "wiki"}``
+        (strings, integers, booleans, on top-level keys). The answer is the true top ``k`` of
+        the matching documents (fewer only when fewer match). A bad ``where`` raises
+        ValueError before anything is searched."""
+        conditions = documents.check_where(where)
         self._maybe_check()
         view = self._view
         if view is None:
             raise IndexUnavailable(f"no verified index of {self.collection!r} in {self._dir}")
         if k <= 0:
             return []
+        stored = view.loaded.documents
+        if conditions is not None and stored is None:
+            raise IndexUnavailable(
+                f"{self.collection!r} v{view.version} was built before metadata filters: a"
+                " rebuild (`afterwrite index rebuild --force`) makes it filterable"
+            )
         query = self._query(vector_or_text, view)
-        hits: list[tuple[float, str]] = []
-        index = view.loaded.index
-        if index.ntotal:
-            scores, ids = index.search(query, min(k, int(index.ntotal)), params=view.params)
-            names = view.loaded.docs.lookup(ids[0])
-            hits += [
-                (float(s), d) for s, i, d in zip(scores[0], ids[0], names, strict=True)
-                if i >= 0 and d is not None
-            ]  # fmt: skip
-        delta = view.delta
-        if delta is not None and len(delta.doc_ids):
-            dscores = delta.vectors @ query[0]
-            top = np.argsort(-dscores, kind="stable")[:k]
-            hits += [(float(dscores[i]), delta.doc_ids[i]) for i in top]
-        hits.sort(key=lambda h: -h[0])
-        return [(doc, score) for score, doc in hits[:k]]
+        masked = view.delta.masked if view.delta is not None else np.empty(0, dtype=np.int64)
+        hits = searching.search_version(
+            view.loaded, masked, view.params, query, k, conditions
+        ) + searching.search_delta(view.delta, view.delta_postings, query, k, conditions)
+        hits.sort(key=lambda h: -h.score)
+        return hits[:k]
 
     # --- loading ------------------------------------------------------------------------------
     def _after_fork(self) -> None:
@@ -260,14 +277,13 @@ class IndexReader:
             and loaded.manifest.get("delta_sha256") == view.loaded.manifest.get("delta_sha256")
         ):
             if manifest_moved:  # a bad version skipped, or the same manifest re-written
-                self._view = _View(
-                    loaded, manifest_key, view.delta, delta_key, view.params, view.keep_alive
-                )
+                self._view = dataclasses.replace(view, loaded=loaded, manifest_key=manifest_key)
             return False
         delta = self._load_delta(delta_key, loaded, view if not changed_main else None)
         masked = delta.masked if delta is not None else np.empty(0, dtype=np.int64)
         params, keep = _search_params(loaded.index, masked)
-        self._view = _View(loaded, manifest_key, delta, delta_key, params, keep)
+        postings = documents.delta_postings(delta.documents) if delta is not None else None
+        self._view = _View(loaded, manifest_key, delta, delta_key, params, keep, postings)
         if changed_main:
             self.loads += 1
             log.info(

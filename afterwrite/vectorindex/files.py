@@ -7,6 +7,8 @@ Shared by the builder (writes) and ``afterwrite.IndexReader`` (reads); no databa
     manifest.json          the published version (atomically replaced; readers stat it)
     v00000007.faiss        FAISS's own serialisation (faiss.write_index format), ids inside
     v00000007.docs         id -> doc_id map: "AWDOCS1\\n", header JSON, int64 ids, doc ids
+    v00000007.meta         each document's text and metadata (capped) and the metadata
+                           filter postings, in doc-map order (vectorindex.documents)
     v00000007.json         that version's manifest (what rollback re-publishes)
     v00000007.delta        vectors and masks changed since v7's build (freshness), replaced
                            every few seconds; written before the manifest names v7, so a
@@ -18,7 +20,7 @@ Shared by the builder (writes) and ``afterwrite.IndexReader`` (reads); no databa
 Every file is written to a temporary name in the same directory, fsynced, ``os.replace``d into
 place and the directory fsynced, so a reader (or a crash) sees the old file or the new one,
 never a torn one. Files are private (mode 0600, whatever the umask): readers run as the
-workers' user. The manifest is written last and names the sha256 of both version files and of
+workers' user. The manifest is written last and names the sha256 of the version files and of
 the current delta (``delta_sha256``, re-written with each delta); a reader hashes exactly the
 bytes it deserialises, serves a delta only when the manifest names its hash, and runs a probe
 search on a version before serving it. Nothing is pickled.
@@ -36,7 +38,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,13 @@ import numpy as np
 import numpy.typing as npt
 
 from afterwrite.core.errors import TransientError
+from afterwrite.vectorindex import documents as docs_format
 
 MANIFEST = "manifest.json"
 DOCS_MAGIC = b"AWDOCS1\n"
 DELTA_MAGIC = b"AWDELTA1"
 TMP_PREFIX = ".tmp-"
-_VERSION_FILE = re.compile(r"^v(\d{8})\.(faiss|docs|json|delta)$")
+_VERSION_FILE = re.compile(r"^v(\d{8})\.(faiss|docs|meta|json|delta)$")
 WRITE_CHUNK_BYTES = 8 << 20
 FILE_MODE = 0o600
 """Every index file is private to the workers' user (and readers running as it)."""
@@ -70,6 +73,10 @@ def index_file(version: int) -> str:
 
 def docs_file(version: int) -> str:
     return f"v{version:08d}.docs"
+
+
+def meta_file(version: int) -> str:
+    return f"v{version:08d}.meta"
 
 
 def version_manifest_file(version: int) -> str:
@@ -219,6 +226,15 @@ class DocMap:
     model: str
     dim: int
 
+    def positions(
+        self, ids: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Rows of ``ids`` in the map, and which of them are in it at all."""
+        if not len(self.ids):
+            return np.zeros(len(ids), dtype=np.intp), np.zeros(len(ids), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return pos, self.ids[pos] == ids
+
     def lookup(self, ids: npt.NDArray[np.int64]) -> list[str | None]:
         """doc ids of ``ids`` (None for an id not in the map, e.g. FAISS's -1)."""
         if not len(self.ids):
@@ -270,16 +286,22 @@ class Delta:
     source_key: tuple[int, ...] = ()
     """What the rows it was made from looked like (``source.changed_key``): a refresh that
     finds the same key has nothing to publish."""
+    documents: list[list[Any]] = field(default_factory=list)
+    """Per live row: ``[text, metadata, flags, filter pairs]``
+    (:func:`afterwrite.vectorindex.documents.delta_documents`); empty in a delta written
+    before documents travelled with the index."""
 
 
 def encode_delta(delta: Delta) -> list[bytes | memoryview]:
     """``AWDELTA1`` + uint32 header length + header JSON (incl. sha256 of the body) + body:
-    int64 ids, float32 vectors, int64 masked ids, NUL-separated doc ids."""
+    int64 ids, float32 vectors, int64 masked ids, NUL-separated doc ids (``doc_ids_bytes``),
+    then the live rows' documents as one JSON array."""
     ids = np.ascontiguousarray(delta.ids, dtype="<i8").tobytes()
     vectors = np.ascontiguousarray(delta.vectors, dtype="<f4").tobytes()
     masked = np.ascontiguousarray(delta.masked, dtype="<i8").tobytes()
     docs = "\x00".join(delta.doc_ids).encode()
-    body = ids + vectors + masked + docs
+    documents = json.dumps(delta.documents, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    body = ids + vectors + masked + docs + documents
     header = json.dumps(
         {
             "base_version": delta.base_version,
@@ -290,6 +312,7 @@ def encode_delta(delta: Delta) -> list[bytes | memoryview]:
             "masked": len(delta.masked),
             "built_at": delta.built_at,
             "source_key": list(delta.source_key),
+            "doc_ids_bytes": len(docs),
             "sha256": hashlib.sha256(body).hexdigest(),
         }
     ).encode()
@@ -332,9 +355,16 @@ def decode_delta(data: bytes) -> Delta:
     off += 4 * count * dim
     masked = np.frombuffer(body, dtype="<i8", count=nmask, offset=off).astype(np.int64)
     off += 8 * nmask
-    docs = [d.decode() for d in body[off:].split(b"\x00")] if count else []
+    end = off + int(h["doc_ids_bytes"]) if "doc_ids_bytes" in h else len(body)
+    docs = [d.decode() for d in body[off:end].split(b"\x00")] if count else []
     if len(docs) != count:
         raise IndexFileError("delta: doc ids do not match the vectors")
+    try:
+        documents = json.loads(body[end:]) if end < len(body) else []
+    except ValueError as exc:
+        raise IndexFileError(f"delta: bad documents ({exc})") from None
+    if documents and (not isinstance(documents, list) or len(documents) != count):
+        raise IndexFileError("delta: documents do not match the vectors")
     return Delta(
         base_version=int(h["base_version"]),
         max_seq=int(h["max_seq"]),
@@ -346,6 +376,7 @@ def decode_delta(data: bytes) -> Delta:
         masked=masked,
         built_at=float(h["built_at"]),
         source_key=tuple(int(v) for v in h.get("source_key") or ()),
+        documents=documents,
     )
 
 
@@ -357,6 +388,8 @@ class Loaded:
     manifest: dict[str, Any]
     index: faiss.Index
     docs: DocMap
+    documents: docs_format.Documents | None = None
+    """Texts, metadata and filter postings (None: built before they travelled with it)."""
 
     @property
     def version(self) -> int:
@@ -406,7 +439,8 @@ def load_version(directory: Path, manifest: dict[str, Any], *, collection: str) 
         raise IndexFileError(f"manifest is for {manifest.get('collection')!r}, not {collection!r}")
     if manifest.get("metric") != "ip":
         raise IndexFileError(f"manifest metric {manifest.get('metric')!r} is not 'ip'")
-    for name in (file_name, docs_name):
+    meta_name = manifest.get("meta_file")
+    for name in (file_name, docs_name, str(meta_name or "")):
         if "/" in name or name.startswith("."):
             raise IndexFileError(f"manifest names a file outside the directory: {name!r}")
     raw = _sha_checked(directory / file_name, str(manifest.get("sha256")))
@@ -426,8 +460,21 @@ def load_version(directory: Path, manifest: dict[str, Any], *, collection: str) 
         raise IndexFileError(f"v{version}: doc map model {docs.model!r}, manifest says {model!r}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexFileError(f"v{version}: index metric is not inner product")
+    documents = None if meta_name is None else _load_documents(directory, manifest, count)
     probe(index, version)
-    return Loaded(manifest, index, docs)
+    return Loaded(manifest, index, docs, documents)
+
+
+def _load_documents(directory: Path, manifest: dict[str, Any], count: int) -> docs_format.Documents:
+    name = str(manifest["meta_file"])
+    raw = _sha_checked(directory / name, str(manifest.get("meta_sha256")))
+    try:
+        documents = docs_format.decode_documents(raw)
+    except docs_format.DocumentsError as exc:
+        raise IndexFileError(f"{name}: {exc}") from None
+    if documents.count != count:
+        raise IndexFileError(f"{name}: {documents.count} documents, manifest says {count}")
+    return documents
 
 
 def probe(index: faiss.Index, version: int) -> None:

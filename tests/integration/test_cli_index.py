@@ -87,17 +87,32 @@ def test_search_shows_each_hits_text_and_metadata(
     assert scores == sorted(scores, reverse=True)
 
 
-def test_search_without_a_database_still_shows_ids_and_scores(
+def test_search_needs_no_database_and_filters(
     env: dict[str, str], settings: Settings, pg: psycopg.Connection[Any], monkeypatch: Any
 ) -> None:
-    add(pg, "docs", random_unit(20, 384), model=settings.collection_model("docs"))
+    doc_ids = add(pg, "docs", random_unit(20, 384), model=settings.collection_model("docs"))
+    _texts(pg, doc_ids)
     assert CliRunner().invoke(main, ["index", "rebuild", "docs"]).exit_code == 0
-    monkeypatch.delenv("AFTERWRITE_DATABASE_URL")
+    monkeypatch.delenv("AFTERWRITE_DATABASE_URL")  # the index version carries the documents
     result = CliRunner().invoke(main, ["search", "docs", "anything", "-k", "2", "--json"])
     assert result.exit_code == 0, result.output
     hits = json.loads(result.stdout)["hits"]
-    assert [set(h) for h in hits] == [{"doc_id", "score", "text", "metadata"}] * 2
-    assert all(h["text"] is None for h in hits)
+    assert len(hits) == 2
+    assert all(h["text"].startswith("the text of document") for h in hits)
+
+    filtered = CliRunner().invoke(
+        main,
+        ["search", "docs", "anything", "--json", "--where", '{"source": ["wiki/4", "wiki/9"]}'],
+    )
+    assert filtered.exit_code == 0, filtered.output
+    found = json.loads(filtered.stdout)["hits"]
+    assert sorted(h["doc_id"] for h in found) == [doc_ids[4], doc_ids[9]]
+    bad = CliRunner().invoke(main, ["search", "docs", "anything", "--where", '{"source": []}'])
+    assert bad.exit_code == 1
+    assert "an empty list matches nothing" in bad.stderr
+    not_json = CliRunner().invoke(main, ["search", "docs", "anything", "--where", "source=x"])
+    assert not_json.exit_code == 2
+    assert "--where is not JSON" in not_json.stderr
 
 
 def test_an_index_directory_serves_one_database(

@@ -139,7 +139,7 @@ def test_a_document_is_embedded_stored_and_its_job_removed(
     assert stats["embedded"] == 1
 
 
-def test_unchanged_text_costs_no_provider_call_and_keeps_seq(
+def test_unchanged_text_costs_no_provider_call_and_seq_moves_only_on_change(
     client: Client,
     runtime: Runtime,
     stage: EmbedStage,
@@ -167,12 +167,23 @@ def test_unchanged_text_costs_no_provider_call_and_keeps_seq(
     for i in range(20):
         doc = f"d{i}"
         assert after[doc]["metadata"] == {"round": 2}
+        # the metadata changed: indexes carry it, so seq moves (the delta picks it up)
+        assert after[doc]["seq"] > max(r["seq"] for r in before.values())
         if i < 14:
-            assert after[doc]["seq"] == before[doc]["seq"]
             assert after[doc]["vector"] == before[doc]["vector"]
         else:
-            assert after[doc]["seq"] > max(r["seq"] for r in before.values())
             assert after[doc]["vector"] != before[doc]["vector"]
+
+    # the very same documents again: nothing an index carries changed, seq stays
+    for i in range(20):
+        text = f"text number {i}" if i < 14 else f"text number {i}, revised"
+        if i == 0:
+            text = "text   number 0"
+        client.embed("docs", f"d{i}", text, {"round": 2})
+    _deliver(runtime, stage)
+    assert len(embedder.inputs) == 26
+    again = _docs(pg)
+    assert {d: r["seq"] for d, r in again.items()} == {d: r["seq"] for d, r in after.items()}
 
 
 def test_a_text_already_embedded_comes_from_the_cache(

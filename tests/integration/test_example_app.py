@@ -329,6 +329,51 @@ def test_fastapi_search_without_an_index_is_503_and_timings_count_posts(
     assert timings["record_max_us"] < timings["max_us"]
 
 
+def test_fastapi_search_returns_documents_and_filters(
+    settings: Settings, pg: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from afterwrite.worker.index import jobs
+    from benchmarks.index import set_documents
+    from tests.index_helpers import add, random_unit
+
+    x = random_unit(60, 384, seed=3)
+    doc_ids = add(pg, "kb", x, model=settings.collection_model("kb"))
+    langs = ["en", "de", "fr"]
+    set_documents(
+        pg,
+        "kb",
+        doc_ids,
+        [f"document {i}" for i in range(60)],
+        [{"lang": langs[i % 3]} for i in range(60)],
+    )
+    assert jobs.rebuild(settings, "kb")["status"] == "published"
+    monkeypatch.setenv("AFTERWRITE_INDEX_DIR", str(settings.index_path))
+
+    async def scenario() -> tuple[Any, Any, int, int]:
+        async with _async_client(settings) as client:
+            app = create_app(client, latency_ms=0)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://example"
+            ) as http:
+                q: dict[str, str | int] = {"collection": "kb", "q": "a document", "k": 30}
+                plain = (await http.get("/search", params=q)).json()
+                where = '{"lang": ["de", "fr"]}'
+                filtered = (await http.get("/search", params={**q, "where": where})).json()
+                empty = await http.get("/search", params={**q, "where": '{"lang": []}'})
+                not_json = await http.get("/search", params={**q, "where": "lang=de"})
+                return plain, filtered, empty.status_code, not_json.status_code
+
+    plain, filtered, empty, not_json = asyncio.run(scenario())
+    by_id = {d: i for i, d in enumerate(doc_ids)}
+    assert len(plain["hits"]) == 30
+    for hit in plain["hits"]:
+        i = by_id[hit["doc_id"]]
+        assert (hit["text"], hit["metadata"]) == (f"document {i}", {"lang": langs[i % 3]})
+    assert len(filtered["hits"]) == 30
+    assert {h["metadata"]["lang"] for h in filtered["hits"]} == {"de", "fr"}
+    assert (empty, not_json) == (422, 422)
+
+
 # --- Flask ------------------------------------------------------------------------------------
 
 

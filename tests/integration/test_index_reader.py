@@ -17,6 +17,7 @@ import pytest
 from afterwrite.demo.services import Endpoints
 from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
 from afterwrite.vectorindex import files
+from afterwrite.vectorindex.documents import DocumentsBuilder
 from afterwrite.worker.index import jobs, publish
 from tests.index_helpers import add, index_settings, random_unit, tombstone, upsert
 
@@ -183,16 +184,22 @@ def test_a_version_that_fails_a_probe_search_is_not_swapped_in(
     broken = faiss.IndexIDMap2(ivf)
     broken.add_with_ids(x, docs.ids)
     ivf.is_trained = False
-    sha, docs_sha, size = publish.write_version(
-        directory, 2, broken, docs.ids, [d.decode() for d in docs.doc_ids], model=v1["model"]
-    )
+    no_text = DocumentsBuilder(0, 0)
+    for _ in docs.doc_ids:
+        no_text.add(None, None)
+    sha, docs_sha, meta_sha, size = publish.write_version(
+        directory, 2, broken, docs.ids, [d.decode() for d in docs.doc_ids], model=v1["model"],
+        documents=no_text,
+    )  # fmt: skip
     v2 = {
         **v1,
         "version": 2,
         "file": files.index_file(2),
         "docs_file": files.docs_file(2),
+        "meta_file": files.meta_file(2),
         "sha256": sha,
         "docs_sha256": docs_sha,
+        "meta_sha256": meta_sha,
         "file_bytes": size,
     }
     v2.pop("delta_sha256", None)

@@ -94,8 +94,9 @@ ON CONFLICT DO NOTHING
 """
 # One statement for vectors and tombstones; every row carries its whole state (an unchanged
 # document its cached vector), so whatever a concurrent batch committed meanwhile, the row ends
-# up consistent. ``seq`` and ``embedded_at`` move only when the vector, model, text or tombstone
-# changes, so metadata-only updates trigger no rebuild.
+# up consistent. ``seq`` and ``embedded_at`` move only when the vector, model, text, metadata or
+# tombstone changes: index versions and deltas carry each document's text and metadata (what
+# search returns and filters on), so a metadata-only update reaches readers through the delta.
 _UPSERT = """
 INSERT INTO embeddings (collection, doc_id, job_id, deleted, model, dim, content_hash, vector,
                         text, metadata, enqueued_at, committed_at)
@@ -122,7 +123,9 @@ WHERE embeddings.job_id < EXCLUDED.job_id
     "AND embeddings.content_hash IS NOT DISTINCT FROM EXCLUDED.content_hash "
     # two workers embedding the same new text at once may get different vectors for it:
     # whichever lands, a changed vector is a change the index must see
-    "AND embeddings.vector IS NOT DISTINCT FROM EXCLUDED.vector)"
+    "AND embeddings.vector IS NOT DISTINCT FROM EXCLUDED.vector "
+    "AND embeddings.text IS NOT DISTINCT FROM EXCLUDED.text "
+    "AND embeddings.metadata IS NOT DISTINCT FROM EXCLUDED.metadata)"
 )
 _DONE = "DELETE FROM embedding_jobs WHERE id = ANY(%s)"
 MAX_ISOLATED = 3

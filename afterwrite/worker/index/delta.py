@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from afterwrite.vectorindex import files
-from afterwrite.worker.index import source
+from afterwrite.worker.index import documents, source
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,13 @@ def refresh(
         if not force and have is None and key[0] == 0:
             return DeltaResult(False, "no changes since the build", version, key=key)
         changed = source.read_changed(conn, collection, since, manifest["model"], manifest["dim"])
+        docs = documents.read_changed_documents(
+            conn,
+            changed.ids,
+            # the caps the version was built with (one version, one rule for its documents)
+            text_max_bytes=int(manifest.get("text_max_bytes", 0)),
+            metadata_max_bytes=int(manifest.get("metadata_max_bytes", 0)),
+        )
     delta = files.Delta(
         base_version=version,
         max_seq=changed.max_seq,
@@ -100,6 +107,7 @@ def refresh(
         masked=changed.masked,
         built_at=time.time(),
         source_key=key,
+        documents=docs,
     )
     sha = files.write_atomic(directory / files.delta_file(version), files.encode_delta(delta))
     if bind_manifest:

@@ -27,8 +27,9 @@ from afterwrite.core.settings import Settings
 from afterwrite.vectorindex import files
 from afterwrite.vectorindex.build import TUNE_RECALL_TARGET, build_index
 from afterwrite.vectorindex.choose import choose_index
+from afterwrite.vectorindex.documents import DocumentsBuilder
 from afterwrite.worker.index import delta as deltas
-from afterwrite.worker.index import owner, publish, source
+from afterwrite.worker.index import documents, owner, publish, source
 from afterwrite.worker.index.lock import BUILD, DELTA, LockBusy, collection_lock
 
 log = logging.getLogger("afterwrite.index")
@@ -135,9 +136,7 @@ def _rebuild_locked(
     # --- read -------------------------------------------------------------------------------
     t0 = time.perf_counter()
     watermark, complete = source.seq_watermark(conn)
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        data = source.read_vectors(conn, collection, model, dim, progress=progress)
+    data, docs = _read(settings, conn, collection, model, dim, progress)
     read_s = time.perf_counter() - t0
     n = len(data)
     if n == 0:
@@ -186,10 +185,11 @@ def _rebuild_locked(
     t0 = time.perf_counter()
     version = next_version(conn, directory, collection)
     write_progress = None if progress is None else (lambda d, t: progress("write", d, t))
-    sha, docs_sha, size = publish.write_version(
+    sha, docs_sha, meta_sha, size = publish.write_version(
         directory, version, built.index, data.ids, data.doc_ids, model=model,
-        progress=write_progress,
+        documents=docs, progress=write_progress,
     )  # fmt: skip
+    del docs
     manifest: dict[str, Any] = {
         "collection": collection,
         "version": version,
@@ -203,6 +203,10 @@ def _rebuild_locked(
         "file_bytes": size,
         "docs_file": files.docs_file(version),
         "docs_sha256": docs_sha,
+        "meta_file": files.meta_file(version),
+        "meta_sha256": meta_sha,
+        "text_max_bytes": settings.index_text_max_bytes,
+        "metadata_max_bytes": settings.index_metadata_max_bytes,
         "built_at": time.time(),
         "max_seq": watermark,
         "recall_at_10": recall_at_10,
@@ -270,6 +274,30 @@ def _rebuild_locked(
         "pruned": pruned,
         "delta": delta,
     }
+
+
+def _read(
+    settings: Settings,
+    conn: psycopg.Connection[Any],
+    collection: str,
+    model: str,
+    dim: int,
+    progress: Progress | None,
+) -> tuple[source.Vectors, DocumentsBuilder]:
+    """The vectors and their documents, in one REPEATABLE READ snapshot (read at once)."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        pending = documents.ConcurrentRead(
+            settings.require_database_url(), conn, collection, model, dim,
+            text_max_bytes=settings.index_text_max_bytes,
+            metadata_max_bytes=settings.index_metadata_max_bytes,
+        )  # fmt: skip
+        try:
+            data = source.read_vectors(conn, collection, model, dim, progress=progress)
+        except BaseException:
+            pending.cancel()
+            raise
+        return data, pending.result(data.ids)
 
 
 def _precheck(

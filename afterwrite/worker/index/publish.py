@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from afterwrite.core.collections import check_collection
 from afterwrite.vectorindex import files
+from afterwrite.vectorindex.documents import DocumentsBuilder
 from afterwrite.vectorindex.files import IndexFileError, WriteProgress
 
 log = logging.getLogger("afterwrite.index")
@@ -48,10 +49,11 @@ def write_version(
     doc_ids: list[str],
     *,
     model: str,
+    documents: DocumentsBuilder,
     progress: WriteProgress | None = None,
-) -> tuple[str, str, int]:
-    """Write the index file and the doc map of ``version``; return their sha256 and the
-    index file's size. Does not publish."""
+) -> tuple[str, str, str, int]:
+    """Write the index file, the doc map and the documents of ``version``; return their
+    sha256 and the index file's size. Does not publish."""
     blob = faiss.serialize_index(index)
     sha = files.write_atomic(
         directory / files.index_file(version),
@@ -63,7 +65,8 @@ def write_version(
         directory / files.docs_file(version),
         files.encode_docs(ids, doc_ids, model=model, dim=int(index.d)),
     )
-    return sha, docs_sha, int(blob.nbytes)
+    meta_sha = files.write_atomic(directory / files.meta_file(version), documents.encode())
+    return sha, docs_sha, meta_sha, int(blob.nbytes)
 
 
 def publish_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -86,6 +89,7 @@ def prune(directory: Path, keep: int) -> list[int]:
         for name in (
             files.index_file(v),
             files.docs_file(v),
+            files.meta_file(v),
             files.version_manifest_file(v),
             files.delta_file(v),
         ):
