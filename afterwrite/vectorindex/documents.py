@@ -192,6 +192,15 @@ class DocumentsBuilder:
         self._metas.append(m)
         self._flags.append(flags)
 
+    def reorder(self, order: npt.NDArray[np.intp]) -> None:
+        """Put the rows added so far in ``order`` (row ``i`` becomes the old ``order[i]``);
+        before any postings are added."""
+        assert not self._postings, "reorder before add_postings"
+        picks = order.tolist()
+        self._texts = [self._texts[i] for i in picks]
+        self._metas = [self._metas[i] for i in picks]
+        self._flags = bytearray(np.frombuffer(self._flags, dtype=np.uint8)[order].tobytes())
+
     def add_postings(self, key: str, value: Any, rows: npt.NDArray[np.int32]) -> None:
         """The rows (ascending) whose metadata has ``key == value``; an unfilterable value
         (float, long string, nested) is ignored."""

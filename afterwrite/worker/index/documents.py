@@ -8,7 +8,6 @@ connection and transaction.
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import json
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
-from psycopg import sql
 
 from afterwrite.vectorindex.documents import DocumentsBuilder, delta_documents
 from afterwrite.worker.index.source import SourceError
@@ -33,17 +31,19 @@ def read_documents(
     text_max_bytes: int,
     metadata_max_bytes: int,
 ) -> tuple[DocumentsBuilder, npt.NDArray[np.int64]]:
-    """The documents of the rows ``source.read_vectors`` reads (same ``WHERE``), in id order,
-    with their filter postings, and the ids they belong to. One scan, CSV parsed by the C
-    ``csv`` module, each row's metadata parsed once (grouping pairs in SQL with ``jsonb_each``
-    cost PostgreSQL ~11 µs a row, more than all of this)."""
+    """The documents of the rows ``source.read_vectors`` reads (same ``WHERE``; call in its
+    snapshot), in id order, with their filter postings, and the ids they belong to
+    (ascending). One scan, no ``ORDER BY`` (sorted here: PostgreSQL would spill a million-row
+    sort to disk), CSV parsed by the C ``csv`` module, each row's metadata parsed once
+    (grouping pairs in SQL with ``jsonb_each`` cost PostgreSQL ~11 µs a row, more than all of
+    this)."""
     out = DocumentsBuilder(text_max_bytes, metadata_max_bytes)
     row_ids: list[int] = []
     groups: dict[tuple[str, type, Any], list[int]] = {}
     csv.field_size_limit(max(csv.field_size_limit(), text_max_bytes + (1 << 20)))
     with conn.cursor().copy(
         f"COPY (SELECT id, left(text, {int(text_max_bytes)}), metadata::text"
-        f" FROM embeddings WHERE {_LIVE} ORDER BY id) TO STDOUT (FORMAT CSV)",
+        f" FROM embeddings WHERE {_LIVE}) TO STDOUT (FORMAT CSV)",
         (collection, model, dim, dim * 4),
     ) as copy:
         # libpq hands out exactly one COPY row per piece
@@ -63,64 +63,15 @@ def read_documents(
                         groups[pair] = [row]
                     else:
                         group.append(row)
-    for (key, _, value), rows in groups.items():
-        out.add_postings(key, value, np.asarray(rows, dtype=np.int32))
-    return out, np.asarray(row_ids, dtype=np.int64)
-
-
-class ConcurrentRead:
-    """:func:`read_documents` on a second connection, in a thread, in the snapshot of
-    ``conn``'s current REPEATABLE READ transaction (``pg_export_snapshot``), while the caller
-    reads the vectors on ``conn``: PostgreSQL scans for both at once, and the ~5 µs a row of
-    Python here overlaps the vector read instead of adding to it."""
-
-    def __init__(
-        self,
-        url: str,
-        conn: psycopg.Connection[Any],
-        collection: str,
-        model: str,
-        dim: int,
-        *,
-        text_max_bytes: int,
-        metadata_max_bytes: int,
-    ) -> None:
-        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
-        assert row is not None
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="afterwrite-documents"
-        )
-        self._future = self._pool.submit(
-            self._read, url, str(row[0]), collection, model, dim,
-            text_max_bytes, metadata_max_bytes,
-        )  # fmt: skip
-
-    @staticmethod
-    def _read(
-        url: str, snapshot: str, collection: str, model: str, dim: int, text_max: int,
-        meta_max: int,
-    ) -> tuple[DocumentsBuilder, npt.NDArray[np.int64]]:  # fmt: skip
-        with psycopg.connect(url) as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            return read_documents(
-                conn, collection, model, dim, text_max_bytes=text_max, metadata_max_bytes=meta_max
-            )
-
-    def result(self, ids: npt.NDArray[np.int64]) -> DocumentsBuilder:
-        """The documents, checked to be those of ``ids`` (the vectors read meanwhile). Call
-        while the exporting transaction is still open."""
-        try:
-            built, row_ids = self._future.result()
-        finally:
-            self._pool.shutdown(wait=True)
-        if not np.array_equal(row_ids, ids):
-            raise SourceError("the documents and the vectors do not describe the same rows")
-        return built
-
-    def cancel(self) -> None:
-        """Wait for the thread (after the caller failed): nothing is left running."""
-        self._pool.shutdown(wait=True)
+    # in id order (sorting here, not in PostgreSQL: no sort of a million rows spilled to disk)
+    ids = np.asarray(row_ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    out.reorder(order)
+    row_of = np.empty(len(order), dtype=np.int32)
+    row_of[order] = np.arange(len(order), dtype=np.int32)
+    for (key, _, value), streamed in groups.items():
+        out.add_postings(key, value, np.sort(row_of[np.asarray(streamed, dtype=np.int64)]))
+    return out, ids[order]
 
 
 def read_changed_documents(

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 
 from afterwrite.core.collections import check_collection
@@ -136,7 +137,7 @@ def _rebuild_locked(
     # --- read -------------------------------------------------------------------------------
     t0 = time.perf_counter()
     watermark, complete = source.seq_watermark(conn)
-    data, docs = _read(settings, conn, collection, model, dim, progress)
+    data, docs, documents_s = _read(settings, conn, collection, model, dim, progress)
     read_s = time.perf_counter() - t0
     n = len(data)
     if n == 0:
@@ -264,6 +265,7 @@ def _rebuild_locked(
         "watermark_complete": complete,
         "timings": {
             "read_s": read_s,
+            "documents_s": documents_s,
             "build_s": build_s,
             "train_s": built.train_s,
             "add_s": built.add_s,
@@ -283,21 +285,24 @@ def _read(
     model: str,
     dim: int,
     progress: Progress | None,
-) -> tuple[source.Vectors, DocumentsBuilder]:
-    """The vectors and their documents, in one REPEATABLE READ snapshot (read at once)."""
+) -> tuple[source.Vectors, DocumentsBuilder, float]:
+    """The vectors and their documents, in one REPEATABLE READ snapshot, and the seconds
+    the documents took (part of the read). (Reading the
+    documents on a second connection in the same snapshot, in a thread, was measured slower
+    on 2 cores: both halves are Python-bound and fought over the GIL.)"""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        pending = documents.ConcurrentRead(
-            settings.require_database_url(), conn, collection, model, dim,
+        data = source.read_vectors(conn, collection, model, dim, progress=progress)
+        t0 = time.perf_counter()
+        docs, ids = documents.read_documents(
+            conn, collection, model, dim,
             text_max_bytes=settings.index_text_max_bytes,
             metadata_max_bytes=settings.index_metadata_max_bytes,
         )  # fmt: skip
-        try:
-            data = source.read_vectors(conn, collection, model, dim, progress=progress)
-        except BaseException:
-            pending.cancel()
-            raise
-        return data, pending.result(data.ids)
+        documents_s = time.perf_counter() - t0
+    if not np.array_equal(ids, data.ids):
+        raise source.SourceError("the documents and the vectors do not describe the same rows")
+    return data, docs, documents_s
 
 
 def _precheck(
