@@ -293,15 +293,15 @@ class Delta:
 
 
 def encode_delta(delta: Delta) -> list[bytes | memoryview]:
-    """``AWDELTA1`` + uint32 header length + header JSON (incl. sha256 of the body) + body:
-    int64 ids, float32 vectors, int64 masked ids, NUL-separated doc ids (``doc_ids_bytes``),
-    then the live rows' documents as one JSON array."""
+    """``AWDELTA1`` + uint32 header length + header JSON (incl. sha256 of the body, and the
+    live rows' ``documents``) + body: int64 ids, float32 vectors, int64 masked ids,
+    NUL-separated doc ids. The documents sit in the header, where a reader of the format
+    before them ignores an unknown key; the manifest's ``delta_sha256`` covers the whole file."""
     ids = np.ascontiguousarray(delta.ids, dtype="<i8").tobytes()
     vectors = np.ascontiguousarray(delta.vectors, dtype="<f4").tobytes()
     masked = np.ascontiguousarray(delta.masked, dtype="<i8").tobytes()
     docs = "\x00".join(delta.doc_ids).encode()
-    documents = json.dumps(delta.documents, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    body = ids + vectors + masked + docs + documents
+    body = ids + vectors + masked + docs
     header = json.dumps(
         {
             "base_version": delta.base_version,
@@ -312,10 +312,11 @@ def encode_delta(delta: Delta) -> list[bytes | memoryview]:
             "masked": len(delta.masked),
             "built_at": delta.built_at,
             "source_key": list(delta.source_key),
-            "doc_ids_bytes": len(docs),
             "sha256": hashlib.sha256(body).hexdigest(),
-        }
-    ).encode()
+            "documents": delta.documents,
+        },
+        ensure_ascii=False,
+    ).encode("utf-8", "surrogatepass")
     return [DELTA_MAGIC, struct.pack("<I", len(header)), header, body]
 
 
@@ -355,15 +356,15 @@ def decode_delta(data: bytes) -> Delta:
     off += 4 * count * dim
     masked = np.frombuffer(body, dtype="<i8", count=nmask, offset=off).astype(np.int64)
     off += 8 * nmask
-    end = off + int(h["doc_ids_bytes"]) if "doc_ids_bytes" in h else len(body)
-    docs = [d.decode() for d in body[off:end].split(b"\x00")] if count else []
+    docs = [d.decode() for d in body[off:].split(b"\x00")] if count else []
     if len(docs) != count:
         raise IndexFileError("delta: doc ids do not match the vectors")
-    try:
-        documents = json.loads(body[end:]) if end < len(body) else []
-    except ValueError as exc:
-        raise IndexFileError(f"delta: bad documents ({exc})") from None
-    if documents and (not isinstance(documents, list) or len(documents) != count):
+    documents = h.get("documents") or []
+    if documents and (
+        not isinstance(documents, list)
+        or len(documents) != count
+        or not all(isinstance(d, list) and len(d) == 4 for d in documents)
+    ):
         raise IndexFileError("delta: documents do not match the vectors")
     return Delta(
         base_version=int(h["base_version"]),

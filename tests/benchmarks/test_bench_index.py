@@ -31,4 +31,9 @@ def test_small_index_bench(endpoints: Endpoints, tmp_path: Path) -> None:
         assert figures["reader_load_s"] > 0
         for latency in figures["search"].values():
             assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+        assert set(figures["filtered_search"]) == {"50%", "1%", "0.1%"}
+        for latency in figures["filtered_search"].values():
+            assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+            assert latency["path"] in {"broad", "selective"}
+        assert figures["documents_bytes_per_doc"] > 17
     assert "HNSW32" in large["search"]
