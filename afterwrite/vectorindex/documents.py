@@ -117,6 +117,8 @@ def check_where(where: Any) -> dict[str, list[Scalar]] | None:
                 raise ValueError(
                     f"where[{key!r}]: values are strings, integers or booleans, got {v!r}"
                 )
+        # once each (True and 1 are different values, so not a plain dict of values)
+        values = list({(v.__class__, v): v for v in values}.values())
         total += len(values)
         out[key] = values
     if total > MAX_WHERE_VALUES:

@@ -74,3 +74,4 @@ def test_where_normalised() -> None:
     assert d.check_where(None) is None
     assert d.check_where({}) is None
     assert d.check_where({"a": "x", "b": [1, True]}) == {"a": ["x"], "b": [1, True]}
+    assert d.check_where({"a": ["x", "x", 1, 1]}) == {"a": ["x", 1]}
