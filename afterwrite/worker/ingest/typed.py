@@ -45,8 +45,8 @@ def _json_type(depth: int) -> Any:
     return Union[(*scalars, list[inner], dict[str, inner])]
 
 
-class _Slow(Exception):
-    """This value needs RowCodec's judgement."""
+_SLOW: Any = object()
+"""What a check returns when the value needs RowCodec's judgement."""
 
 
 Check = Callable[[Any], Any]
@@ -82,12 +82,15 @@ class TypedCodec:
         """The row for ``payload`` (column order), or None when RowCodec must judge it."""
         try:
             values = list(msgspec.structs.astuple(self._decode(payload)))
-            for i, check in self._checks:
-                v = values[i]
-                if v is not None:
-                    values[i] = check(v)
-        except (msgspec.DecodeError, RecursionError, _Slow):
+        except (msgspec.DecodeError, RecursionError):
             return None
+        for i, check in self._checks:
+            v = values[i]
+            if v is not None:
+                v = check(v)
+                if v is _SLOW:
+                    return None
+                values[i] = v
         return tuple(values)
 
 
@@ -129,16 +132,12 @@ def _column(column: Column[Any], max_future_skew_s: float) -> tuple[Any, Check |
 
 
 def _no_nul(v: str) -> str:
-    if "\x00" in v:
-        raise _Slow
-    return v
+    return _SLOW if "\x00" in v else v
 
 
 def _not_future(max_future_skew_s: float) -> Check:
     def check(v: datetime) -> datetime:
-        if v.timestamp() > time.time() + max_future_skew_s:
-            raise _Slow
-        return v
+        return _SLOW if v.timestamp() > time.time() + max_future_skew_s else v
 
     return check
 
@@ -147,12 +146,12 @@ _json_encode = msgspec.json.Encoder().encode
 
 
 def _json(max_bytes: int) -> Check:
-    def check(v: Any) -> str:
+    def check(v: Any) -> Any:
         encoded = _json_encode(v)
         # a NUL in a string or key shows as \u0000 (a literal backslash-u0000 in a string too,
         # which only costs that entry the slow path)
         if len(encoded) > max_bytes or b"\\u0000" in encoded:
-            raise _Slow
+            return _SLOW
         return encoded.decode()
 
     return check
