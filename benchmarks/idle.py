@@ -4,6 +4,9 @@ A real worker and beat are started on empty streams; after :data:`SETTLE_S` (sta
 first ticks) their process trees' CPU time is read from ``/proc`` at the start and the end of a
 window of ``seconds`` (60 by default), with what Redis (``INFO``: CPU and commands) and the
 worker's PostgreSQL backends spent meanwhile. Target: worker + beat ≤ 2 % of one core.
+
+Redis's figures are the whole server's: on a Redis shared with other clients they include
+theirs (the idle pipeline's own share is at most that).
 """
 
 from __future__ import annotations
