@@ -1,4 +1,5 @@
-"""``afterwrite bench``: hot-path latency, drain throughput, worker memory, and a Celery baseline.
+"""``afterwrite bench``: hot-path latency, drain throughput on two row shapes, worker memory, idle
+cost, and a Celery baseline.
 
 Everything is measured in one run, on this machine, against real services, and printed as one
 table of figures with their reference and ratio; :func:`run_bench` returns the same figures as a
@@ -42,6 +43,15 @@ What is measured, and how
    just before the first commit), peak and end. With a large backlog a smaller drain
    (``compare_entries``, by default a quarter) runs too, to show the peak does not grow with the
    backlog.
+5. **Row shapes.** Phase 2 runs twice, ceiling and drain each time: on the realistic rows
+   above (~1.7 KB, where PostgreSQL's index work dominates) and on lean rows
+   (:func:`benchmarks.drain.lean`: short query and answer, one model id, small metadata,
+   ~0.3 KB), where the worker's own CPU per row decides how close it keeps to the database.
+   Target: worker ≤ 20 µs of CPU per row on both.
+6. **Idle cost** (:mod:`benchmarks.idle`). A worker and beat on empty streams, after
+   :data:`~benchmarks.idle.SETTLE_S` of start-up, measured over ``idle_s`` (60 s): their process
+   trees' CPU from ``/proc``, Redis's CPU and commands per second, the worker's PostgreSQL
+   backends. Target: worker + beat ≤ 2 % of one core.
 
 Isolation: a dedicated database (:data:`~benchmarks.context.BENCH_DATABASE`, dropped and
 re-created and migrated each run) on the configured (or local, or private) PostgreSQL server, a
@@ -51,7 +61,7 @@ kicks never reach, and are never taken by, a real deployment's workers. Every pr
 is stopped in ``finally``.
 
 Where each part lives: :mod:`benchmarks.context` (the state every phase shares, isolation),
-:mod:`benchmarks.hotpath` (1), :mod:`benchmarks.drain` (2, 4),
+:mod:`benchmarks.hotpath` (1), :mod:`benchmarks.drain` (2, 4, 5), :mod:`benchmarks.idle` (6),
 :mod:`benchmarks.procfs` (RSS and CPU from ``/proc``), :mod:`benchmarks.celery_phase` (3, run
 against :mod:`benchmarks.celery_baseline`), :mod:`benchmarks.report` (ratios, the table). This
 module only orders the phases and assembles their figures.
@@ -77,8 +87,9 @@ from benchmarks.context import (
     Bench,
     open_bench,
 )
-from benchmarks.drain import make_backlog, measure_ceiling, measure_drain
+from benchmarks.drain import Backlog, make_backlog, measure_ceiling, measure_drain
 from benchmarks.hotpath import measure_hot_path
+from benchmarks.idle import measure_idle
 from benchmarks.producer import measure_producer
 from benchmarks.producer import print_table as print_producer_table
 from benchmarks.report import (
@@ -90,6 +101,19 @@ from benchmarks.report import (
 )
 
 # --- the run --------------------------------------------------------------------------------
+
+
+def _drain_vs_ceiling(b: Bench, backlog: Backlog, entries: int, label: str) -> dict[str, Any]:
+    """The COPY ceiling and the drain on the same rows, and their ratio."""
+    ceiling = measure_ceiling(b, backlog)
+    drain = measure_drain(b, backlog, entries, label)
+    drain["ceiling"] = ceiling
+    ratio = ratio_of(drain["rows_per_s"], ceiling["rows_per_s"])
+    drain["ratio_to_ceiling"] = ratio
+    drain["target_ratio"] = TARGET_DRAIN_RATIO
+    drain["aim_ratio"] = AIM_DRAIN_RATIO
+    drain["ok"] = ratio is not None and ratio >= TARGET_DRAIN_RATIO
+    return drain
 
 
 def _load_avg() -> list[float] | None:
@@ -125,6 +149,7 @@ def run_bench(
     database: str = BENCH_DATABASE,
     broker_db: int = BENCH_BROKER_DB,
     concurrency: int = CONCURRENCY,
+    idle_s: float = 60.0,
 ) -> dict[str, Any]:
     """Run every measurement (module doc), print the table, return the figures.
 
@@ -132,6 +157,7 @@ def run_bench(
     20_000)``). ``compare_entries``: backlog of a second, smaller drain for the memory
     comparison (default ``entries // 4`` when ``entries`` ≥ 100,000, else none; 0 skips it).
     ``database`` / ``broker_db``: where the bench keeps its rows and its Celery messages.
+    ``idle_s``: how long to measure an idle worker and beat (0 skips it).
     """
     if entries <= 0 or calls <= 0:
         raise ValueError("entries and calls must be positive")
@@ -162,6 +188,7 @@ def run_bench(
             "database": database,
             "stream_prefix": b.settings.stream_prefix,
             "broker_db": broker_db,
+            "idle_s": idle_s,
             "logs": str(b.log_dir),
         }
         # The hot path first, while this process is small: later phases hold the backlog in
@@ -172,15 +199,11 @@ def run_bench(
         result["producer"] = measure_producer(b.settings, calls)
         b.reset_redis()
         backlog = make_backlog(b, entries)
-        ceiling = measure_ceiling(b, backlog)
-        drain = measure_drain(b, backlog, entries, "backlog")
-        drain["ceiling"] = ceiling
-        ratio = ratio_of(drain["rows_per_s"], ceiling["rows_per_s"])
-        drain["ratio_to_ceiling"] = ratio
-        drain["target_ratio"] = TARGET_DRAIN_RATIO
-        drain["aim_ratio"] = AIM_DRAIN_RATIO
-        drain["ok"] = ratio is not None and ratio >= TARGET_DRAIN_RATIO
-        result["drain"] = drain
+        result["drain"] = _drain_vs_ceiling(b, backlog, entries, "backlog")
+        lean = make_backlog(b, entries, "lean")
+        result["drain_lean"] = _drain_vs_ceiling(b, lean, entries, "lean backlog")
+        del lean
+        drain = result["drain"]
         if compare_entries > 0:
             small = measure_drain(b, backlog, compare_entries, "small backlog")
             result["drain_small"] = small
@@ -205,6 +228,8 @@ def run_bench(
             )
             result["baseline"] = base
         del backlog
+        if idle_s > 0:
+            result["idle"] = measure_idle(b, idle_s)
         # Rows are not kept between runs (the database is re-created anyway): free the disk.
         b.reset_tables()
     result["machine"]["load_avg_at_end"] = _load_avg()

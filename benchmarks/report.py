@@ -13,6 +13,8 @@ TARGET_HOT_P99_RATIO = 1.5
 TARGET_DRAIN_RATIO = 0.60
 AIM_DRAIN_RATIO = 0.80
 TARGET_SPEEDUP = 20.0
+TARGET_WORKER_US_PER_ROW = 20.0
+"""The drain's worker CPU per row, on every row shape."""
 
 
 def latency_summary(samples_ns: Sequence[int]) -> dict[str, float]:
@@ -80,6 +82,64 @@ def _vs_raw_rows(
     table.add_row(p99_label, _us(client["p99_us"]), _us(raw["p99_us"]), _x(p99_ratio), target, met)
 
 
+def _drain_rows(table: Table, d: dict[str, Any], cfg: dict[str, Any], shape: str) -> None:
+    """Rate against the ceiling, and CPU per row, of one drain (``shape``: "" or "lean ")."""
+    c = d["ceiling"]
+    size = f", {c['payload_bytes_mean']:,} B" if "payload_bytes_mean" in c else ""
+    table.add_row(
+        f"drain {d['entries']:,} {shape}backlog{size}, worker ×{cfg['worker_concurrency']} "
+        "(first→last commit)",
+        _rate(d["rows_per_s"]),
+        f"ceiling {_rate(c['rows_per_s'])}",
+        f"{(d['ratio_to_ceiling'] or 0) * 100:.0f}%",
+        f"≥ {TARGET_DRAIN_RATIO:.0%} (aim {AIM_DRAIN_RATIO:.0%})",
+        _ok(d["ok"]),
+    )
+    if not shape:
+        table.add_row(
+            "  ceiling: COPY→staging→INSERT ON CONFLICT, 1 process",
+            "",
+            f"{c['batch_rows']:,}-row batches, {c['seconds']:.1f} s",
+            "",
+            "",
+            "",
+        )
+    dc, cc = d["cpu"], c["cpu"]
+    worker = dc["worker_us_per_row"]
+    table.add_row(
+        f"  {shape}CPU µs/row: worker / postgres / redis (drain)",
+        f"{_num(worker)} / {_num(dc['postgres_us_per_row'])} / {_num(dc['redis_us_per_row'])}",
+        f"ceiling: python {_num(cc['python_us_per_row'])} / postgres "
+        f"{_num(cc['postgres_us_per_row'])}",
+        "",
+        f"worker ≤ {TARGET_WORKER_US_PER_ROW:.0f}",
+        _ok(None if worker is None else worker <= TARGET_WORKER_US_PER_ROW),
+    )
+    if shape:
+        table.add_row(
+            f"  {shape}rows stored exactly once",
+            f"{d['rows']:,}",
+            f"{d['entries']:,} sent",
+            "",
+            "all, once",
+            _ok(d["exactly_once"]),
+        )
+
+
+def _idle_row(table: Table, idle: dict[str, Any]) -> None:
+    pg = idle.get("postgres_pct")
+    table.add_row(
+        f"idle worker + beat, {idle['seconds']:.0f} s (% of one core)",
+        f"{idle['pipeline_pct']:.2f} %",
+        f"worker {idle['worker_pct']:.2f} + beat {idle['beat_pct']:.2f}; redis "
+        f"{idle['redis_pct']:.2f} % ({idle['redis_commands_per_s']:.1f} cmd/s), postgres "
+        f"{'-' if pg is None else f'{pg:.2f} %'}",
+        "",
+        f"≤ {idle['target_pct']:.0f} %",
+        _ok(idle["ok"]),
+    )
+
+
 def print_table(result: dict[str, Any], console: Console) -> None:
     """Print the figures of :func:`run_bench` as one table (measure, value, reference, ratio)."""
     cfg = result["config"]
@@ -135,22 +195,7 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     d = result["drain"]
     c = d["ceiling"]
     table.add_section()
-    table.add_row(
-        f"drain {d['entries']:,} backlog, worker ×{cfg['worker_concurrency']} (first→last commit)",
-        _rate(d["rows_per_s"]),
-        f"ceiling {_rate(c['rows_per_s'])}",
-        f"{(d['ratio_to_ceiling'] or 0) * 100:.0f}%",
-        f"≥ {TARGET_DRAIN_RATIO:.0%} (aim {AIM_DRAIN_RATIO:.0%})",
-        _ok(d["ok"]),
-    )
-    table.add_row(
-        "  ceiling: COPY→staging→INSERT ON CONFLICT, 1 process",
-        "",
-        f"{c['batch_rows']:,}-row batches, {c['seconds']:.1f} s",
-        "",
-        "",
-        "",
-    )
+    _drain_rows(table, d, cfg, "")
     table.add_row(
         "  decode + validate (RowCodec), 1 process",
         f"{c['decode_validate_us_per_row']:.1f} µs/row",
@@ -159,17 +204,9 @@ def print_table(result: dict[str, Any], console: Console) -> None:
         "",
         "",
     )
-    dc, cc = d["cpu"], c["cpu"]
-    table.add_row(
-        "  CPU µs/row: worker / postgres / redis (drain)",
-        f"{_num(dc['worker_us_per_row'])} / {_num(dc['postgres_us_per_row'])} / "
-        f"{_num(dc['redis_us_per_row'])}",
-        f"ceiling: python {_num(cc['python_us_per_row'])} / postgres "
-        f"{_num(cc['postgres_us_per_row'])}",
-        "",
-        "",
-        "",
-    )
+    lean = result.get("drain_lean")
+    if lean:
+        _drain_rows(table, lean, cfg, "lean ")
     table.add_row(
         "  machine busy CPUs while draining / load avg at start",
         _num(d.get("machine_busy_cpus"), 2),
@@ -220,6 +257,10 @@ def print_table(result: dict[str, Any], console: Console) -> None:
             "all, once",
             _ok(base["exactly_once"]),
         )
+
+    if result.get("idle"):
+        table.add_section()
+        _idle_row(table, result["idle"])
 
     rss = d["worker_rss"]
     if rss.get("available"):

@@ -395,6 +395,13 @@ def demo(records: int, rate: float, data_dir: Path | None, private: bool, docume
     help="Second, smaller backlog for the memory comparison (0 skips it).",
 )
 @click.option("--concurrency", default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--idle-seconds",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Measure an idle worker and beat this long (0 skips it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
 @click.option(
     "--suite",
@@ -414,6 +421,7 @@ def bench(
     baseline_entries: int | None,
     compare_entries: int | None,
     concurrency: int,
+    idle_seconds: float,
     as_json: bool,
     suites: tuple[str, ...],
 ) -> None:
@@ -442,6 +450,7 @@ def bench(
             baseline_entries=baseline_entries,
             compare_entries=compare_entries,
             concurrency=concurrency,
+            idle_s=idle_seconds,
         )
     others = run_suites(settings, chosen, out_console, concurrency=concurrency)
     if others:

@@ -44,6 +44,7 @@ def test_small_bench_every_row_exactly_once(settings: Settings, tmp_path: Any) -
         # Not the database and broker of a full benchmark that may run at the same time.
         database="afterwrite_bench_test",
         broker_db=10,
+        idle_s=5.0,
     )
     json.dumps(result)  # what `afterwrite bench --json` prints
 
@@ -68,6 +69,15 @@ def test_small_bench_every_row_exactly_once(settings: Settings, tmp_path: Any) -
     if rss["available"]:
         assert 0 < rss["start_mb"] <= rss["peak_mb"]
         assert rss["processes"] >= 1 + 2  # main process and its pool children
+
+    lean = result["drain_lean"]
+    assert lean["exactly_once"] is True
+    assert lean["ceiling"]["payload_bytes_mean"] < drain["ceiling"]["payload_bytes_mean"]
+    assert lean["cpu"]["worker_us_per_row"] is None or lean["cpu"]["worker_us_per_row"] > 0
+
+    idle = result["idle"]
+    assert idle["seconds"] >= 5.0
+    assert idle["pipeline_pct"] == pytest.approx(idle["worker_pct"] + idle["beat_pct"], abs=0.02)
 
     small = result["drain_small"]
     assert small["entries"] == ENTRIES // 2

@@ -165,8 +165,7 @@ def _converter(column: Column[Any]) -> Converter:
     if isinstance(t, types.Boolean):
         return _bool
     if isinstance(t, types.Integer):
-        lo, hi = _INT_RANGES.get(type(t).__name__, _INT_RANGES["Integer"])
-        return _integer(lo, hi)
+        return _integer(*int_range(t))
     if isinstance(t, types.Float | types.Numeric):
         return _float
     if isinstance(t, types.JSON):
@@ -181,12 +180,18 @@ def _converter(column: Column[Any]) -> Converter:
     )
 
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+def int_range(t: types.Integer) -> tuple[int, int]:
+    """The values an integer column holds (int4 for types not named here)."""
+    return _INT_RANGES.get(type(t).__name__, _INT_RANGES["Integer"])
+
+
+CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+"""What afterwrite clients send: a lower-case UUID string."""
 
 
 def _uuid(v: Any) -> str:
     # Fast path for what afterwrite clients send (6x cheaper than parsing every id).
-    if isinstance(v, str) and _CANONICAL_UUID.fullmatch(v):
+    if isinstance(v, str) and CANONICAL_UUID.fullmatch(v):
         return v
     try:
         if isinstance(v, str):
