@@ -26,6 +26,7 @@ from afterwrite.cli.common import (
     safe,
 )
 from afterwrite.cli.embeddings import embeddings_cmd
+from afterwrite.cli.history import history_cmd
 from afterwrite.cli.index import index, search
 from afterwrite.cli.observe import health, metrics_server
 from afterwrite.cli.stats import stats_cmd
@@ -472,6 +473,7 @@ def _use_checkout_benchmarks() -> None:
 
 
 main.add_command(embeddings_cmd)
+main.add_command(history_cmd)
 main.add_command(index)
 main.add_command(search)
 main.add_command(metrics_server)
