@@ -400,13 +400,14 @@ def demo(records: int, rate: float, data_dir: Path | None, private: bool, docume
 @click.option(
     "--suite",
     "suites",
-    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "startup", "all"]),
+    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "startup", "history", "all"]),
     multiple=True,
     default=("pipeline",),
     show_default=True,
     help="What to measure (repeatable): the record/drain pipeline, embedding batching and the "
     "offline model, index rebuild/search at 100k and 1M vectors, the example web app under "
-    "load (wrk), start-up (client import, afterwrite --help, afterwrite status).",
+    "load (wrk), start-up (client import, afterwrite --help, afterwrite status), History reads "
+    "on 1,000,000 stored queries.",
 )
 def bench(
     entries: int,

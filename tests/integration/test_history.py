@@ -24,6 +24,7 @@ from afterwrite.history.records import COLUMNS
 from afterwrite.models.base import writable_columns
 from afterwrite.models.registry import kinds
 from afterwrite.producer import Client
+from afterwrite.worker.ingest.drain import DrainReport
 from afterwrite.worker.runtime import Runtime
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -57,6 +58,15 @@ def embed_entries(rdb: redis.Redis, settings: Settings) -> list[bytes]:
     key = wire.stream_key(settings.stream_prefix, "embed")
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], rdb.xrange(key))
     return [fields[wire.PAYLOAD_FIELD] for _, fields in entries]
+
+
+def drain_embed(settings: Settings) -> DrainReport:
+    """One drain of the embed stream, as a worker runs it."""
+    rt = Runtime(settings)
+    try:
+        return rt.drain("embed").run(budget_s=10)
+    finally:
+        rt.close()
 
 
 def walk(history: History, **kwargs: Any) -> list[list[StoredQuery]]:
@@ -356,11 +366,7 @@ def test_embed_queries_setting_makes_an_embedding_job_per_stored_query(
         (ids[0], ids[0], "queries", "How do I reset my password?")
     ]
     assert jobs[0]["metadata"] == {"user_id": "u", "session_id": "s"}
-    rt = Runtime(settings)
-    try:
-        report = rt.drain("embed").run(budget_s=10)
-    finally:
-        rt.close()
+    report = drain_embed(settings)
     assert (report.entries, report.inserted, report.dead_lettered) == (1, 1, 0)
     rows = pg.execute("SELECT id::text, collection, doc_id, text FROM embedding_jobs").fetchall()
     assert rows == [(ids[0], "queries", ids[0], "How do I reset my password?")]
@@ -374,11 +380,7 @@ def test_record_query_embed_true_and_the_setting_make_one_job(
     payloads = embed_entries(rdb, settings)
     assert len(payloads) == 2  # the producer's and the drain's: the same job, byte for byte
     assert payloads[0] == payloads[1]
-    rt = Runtime(settings)
-    try:
-        report = rt.drain("embed").run(budget_s=10)
-    finally:
-        rt.close()
+    report = drain_embed(settings)
     assert (report.entries, report.inserted, report.dead_lettered) == (2, 1, 0)
     rows = pg.execute("SELECT id::text, doc_id, metadata FROM embedding_jobs").fetchall()
     assert rows == [(event_id, event_id, {"user_id": "u"})]
