@@ -6,8 +6,8 @@ Create Date: 2026-12-03
 
 Adds ``query_history.search_vector`` (a stored generated ``tsvector`` of query and response) with
 its GIN index, and ``(session_id, created_at, id)`` for conversations. Adding a stored generated
-column rewrites the table under an exclusive lock: plan it like any table rewrite (about 20 s
-per million rows on the development machine).
+column rewrites the table under an exclusive lock: plan it like any table rewrite (a minute
+or two per million rows on the development machine).
 """
 
 from collections.abc import Sequence
