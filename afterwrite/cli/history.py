@@ -139,7 +139,7 @@ def history_cmd(
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def history_search(text: str, user_id: str | None, limit: int, as_json: bool) -> None:
-    """Full-text search over queries and responses, best match first (web-search syntax:
+    """Full-text search over the stored queries, best match first (web-search syntax:
     words, "a phrase", or, -word)."""
     hits: list[Hit] = _read(lambda h: h.search_text(text, user_id=user_id, limit=limit))
     if as_json:

@@ -145,7 +145,7 @@ class History:
         return items[0] if items else None
 
     def search_text(self, text: str, *, user_id: str | None = None, limit: int = 20) -> list[Hit]:
-        """Full-text search over queries and responses (English stemming; web-search syntax:
+        """Full-text search over the queries (English stemming; web-search syntax:
         words, ``"a phrase"``, ``or``, ``-word``), best match first."""
         plan = queries.search_text(text, user_id=user_id, limit=limit)
         return plan.hits(self._pool.fetch(plan.sql, plan.params))

@@ -134,7 +134,7 @@ def get(event_id: str) -> Plan | None:
 
 
 def search_text(text: str, *, user_id: str | None, limit: int) -> Plan:
-    """Records whose query or response match ``text`` (web-search syntax: words, "a phrase",
+    """Records whose query matches ``text`` (web-search syntax: words, "a phrase",
     ``or``, ``-word``), best ``ts_rank_cd`` first, newest first among equals."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, not {text!r}")

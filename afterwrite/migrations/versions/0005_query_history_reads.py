@@ -4,7 +4,7 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-03
 
-Adds ``query_history.search_vector`` (a stored generated ``tsvector`` of query and response) with
+Adds ``query_history.search_vector`` (a stored generated ``tsvector`` of the query) with
 its GIN index, and ``(session_id, created_at, id)`` for conversations. Adding a stored generated
 column rewrites the table under an exclusive lock: plan it like any table rewrite (a minute
 or two per million rows on the development machine).
@@ -22,9 +22,7 @@ down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-SEARCH_VECTOR_SQL = (
-    "to_tsvector('english'::regconfig, COALESCE(query, '') || ' ' || COALESCE(response, ''))"
-)
+SEARCH_VECTOR_SQL = "to_tsvector('english'::regconfig, query)"
 
 
 def upgrade() -> None:
