@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 from afterwrite.core.collections import QUERIES_COLLECTION
 from afterwrite.history import queries
@@ -24,6 +25,8 @@ from afterwrite.history.records import Hit, Page, StoredQuery
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings
     from afterwrite.readers.index_reader import IndexReader
+
+P = TypeVar("P", Pool, AsyncPool)
 
 CONVERSATION_LIMIT = 500
 """Records per page of ``conversation`` unless told otherwise."""
@@ -77,10 +80,10 @@ def _database_url(settings: Settings | None) -> tuple[str, Settings]:
     return settings.require_database_url(), settings
 
 
-class History:
-    """Reads of ``query_history``. Thread-safe and fork-safe; build one per process and share
-    it. Raises ValueError (bad arguments), InvalidCursor, HistoryUnavailable (PostgreSQL away:
-    transient) and HistorySchemaMissing (run ``afterwrite migrate``)."""
+class _Reads(Generic[P]):
+    """What both clients hold: a connection pool and the ``similar`` reader."""
+
+    _pool_type: Callable[[str, int], P]
 
     def __init__(
         self,
@@ -90,15 +93,23 @@ class History:
         index_dir: str | Path | None = None,
         max_idle_connections: int = 4,
     ) -> None:
-        self._pool = Pool(database_url, max_idle_connections)
+        self._pool: P = self._pool_type(database_url, max_idle_connections)
         self._similar = _Similar(settings, index_dir)
 
     @classmethod
-    def from_env(cls, settings: Settings | None = None) -> History:
+    def from_env(cls, settings: Settings | None = None) -> Self:
         """Configured from ``AFTERWRITE_DATABASE_URL`` (and ``AFTERWRITE_INDEX_DIR`` for
         ``similar``); SettingsError when missing or invalid."""
         url, settings = _database_url(settings)
         return cls(url, settings=settings)
+
+
+class History(_Reads[Pool]):
+    """Reads of ``query_history``. Thread-safe and fork-safe; build one per process and share
+    it. Raises ValueError (bad arguments), InvalidCursor, HistoryUnavailable (PostgreSQL away:
+    transient) and HistorySchemaMissing (run ``afterwrite migrate``)."""
+
+    _pool_type = Pool
 
     def recent(
         self,
@@ -172,26 +183,11 @@ class History:
         self.close()
 
 
-class AsyncHistory:
+class AsyncHistory(_Reads[AsyncPool]):
     """The asyncio twin of :class:`History` (same methods, awaited). Use it from one event
     loop; ``similar`` runs the embedding and index search in a thread."""
 
-    def __init__(
-        self,
-        database_url: str,
-        *,
-        settings: Settings | None = None,
-        index_dir: str | Path | None = None,
-        max_idle_connections: int = 4,
-    ) -> None:
-        self._pool = AsyncPool(database_url, max_idle_connections)
-        self._similar = _Similar(settings, index_dir)
-
-    @classmethod
-    def from_env(cls, settings: Settings | None = None) -> AsyncHistory:
-        """See :meth:`History.from_env`."""
-        url, settings = _database_url(settings)
-        return cls(url, settings=settings)
+    _pool_type = AsyncPool
 
     async def recent(
         self,
