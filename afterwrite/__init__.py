@@ -3,11 +3,13 @@
 The public API::
 
     from afterwrite import Client, AsyncClient, IndexReader, Hit, Receipt, Outcome
+    from afterwrite import History, AsyncHistory  # read back what was written
     from afterwrite import Error, ConfigurationError, TransientError, PoisonError
 
 Names are imported on first use, so ``import afterwrite`` costs almost nothing, recording loads
 only the producer (no SQLAlchemy, psycopg, Celery, numpy or FAISS), and numpy and FAISS load
-only when an ``IndexReader`` is constructed.
+only when an ``IndexReader`` is constructed. ``History`` loads psycopg and the models, not
+Celery or the worker.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from afterwrite.core.errors import (
 
 if TYPE_CHECKING:
     from afterwrite.core.kinds import UnknownKindError
+    from afterwrite.history import AsyncHistory, History, InvalidCursor
     from afterwrite.producer.aio import AsyncClient
     from afterwrite.producer.client import Client
     from afterwrite.producer.records import Outcome, ProducerStats, Receipt
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "AsyncClient": "afterwrite.producer.aio",
+    "AsyncHistory": "afterwrite.history",
+    "History": "afterwrite.history",
+    "InvalidCursor": "afterwrite.history",
     "Client": "afterwrite.producer.client",
     "Hit": "afterwrite.readers.hits",
     "IndexReader": "afterwrite.readers.index_reader",
@@ -45,12 +51,15 @@ _LAZY = {
 
 __all__ = [
     "AsyncClient",
+    "AsyncHistory",
     "Client",
     "ConfigurationError",
     "Error",
     "Hit",
+    "History",
     "IndexReader",
     "IndexUnavailable",
+    "InvalidCursor",
     "Outcome",
     "PoisonError",
     "ProducerStats",

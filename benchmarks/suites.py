@@ -1,6 +1,6 @@
-"""``afterwrite bench --suite embeddings|index|loadtest|startup``: the benchmarks of embeddings,
-FAISS indexes, the example web app, and start-up costs (client import, CLI), on the bench's own
-database and stream prefix."""
+"""``afterwrite bench --suite embeddings|index|loadtest|startup|history``: the benchmarks of
+embeddings, FAISS indexes, the example web app, start-up costs (client import, CLI) and History
+reads on a million stored queries, on the bench's own database and stream prefix."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from afterwrite.core.settings import Settings
 from benchmarks.context import BENCH_BROKER_DB, BENCH_DATABASE, open_bench
 
-SUITES = ("pipeline", "embeddings", "index", "loadtest", "startup")
+SUITES = ("pipeline", "embeddings", "index", "loadtest", "startup", "history")
 
 
 def run_suites(
@@ -26,7 +26,7 @@ def run_suites(
         console.print("embeddings: 10,000 texts batched vs one request per text; offline model")
         out["embeddings"] = figures = measure_embeddings()
         console.print(_embeddings_table(figures))
-    if "index" in suites or "loadtest" in suites or "startup" in suites:
+    if any(s in suites for s in ("index", "loadtest", "startup", "history")):
         with open_bench(
             settings,
             console,
@@ -52,6 +52,12 @@ def run_suites(
                 console.print("startup: median of 5 fresh interpreters per command")
                 out["startup"] = startup = measure_startup(worker_env(b.settings))
                 console.print(_startup_table(startup))
+            if "history" in suites:
+                from benchmarks.history import measure_history
+
+                history = measure_history(b.settings.require_database_url(), log=console.print)
+                out["history"] = history
+                console.print(_history_table(history))
     return out
 
 
@@ -132,4 +138,30 @@ def _startup_table(f: dict[str, Any]) -> Table:
     )
     t.add_row("afterwrite --help", f"{f['help_s']:.3f} s", f"≤ {target['help_s']} s")
     t.add_row("afterwrite status (empty)", f"{f['status_s']:.3f} s", f"≤ {target['status_s']} s")
+    return t
+
+
+def _history_table(f: dict[str, Any]) -> Table:
+    fill = f["fill"]
+    t = Table(
+        title=f"History reads on {f['rows']:,} stored queries ({f['table_mb']:,} MB with indexes; "
+        f"filled in {fill['insert_s']:.0f} s + indexes {fill['index_s']:.0f} s)"
+    )
+    for col in ("read", "p50", "p95", "p99", "max", "CPU pg+py", "records", "target p99"):
+        t.add_column(col, justify="left" if col == "read" else "right")
+    targets = f["targets_ms"]
+    for name, r in f["reads"].items():
+        target = next((f"≤ {v:.0f} ms" for k, v in targets.items() if name.startswith(k)), "")
+        t.add_row(
+            name,
+            f"{r['p50_ms']:.2f} ms",
+            f"{r['p95_ms']:.2f} ms",
+            f"{r['p99_ms']:.2f} ms",
+            f"{r['max_ms']:.1f} ms",
+            "-"
+            if r["server_cpu_ms"] is None
+            else f"{r['server_cpu_ms']:.2f}+{r['client_cpu_ms']:.2f} ms",
+            f"{r['avg_records']:g}",
+            target,
+        )
     return t

@@ -103,6 +103,16 @@ def base_env(endpoints: Endpoints) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
+def cli_env(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test database in the environment, nothing of the developer's AFTERWRITE_*: for
+    commands run in this process (click's CliRunner)."""
+    for key in [k for k in os.environ if k.startswith("AFTERWRITE_")]:
+        monkeypatch.delenv(key)
+    for key in [k for k in base_env if k.startswith("AFTERWRITE_")]:
+        monkeypatch.setenv(key, base_env[key])
+
+
+@pytest.fixture
 def settings(endpoints: Endpoints, tmp_path: Path) -> Settings:
     # data_dir (spill journal, indexes) per test: nothing lands in the checkout or leaks
     # between tests

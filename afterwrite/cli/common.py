@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -60,6 +61,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``afterwrite: message`` to stderr and exit with ``code`` (2: usage or setup)."""
     click.echo(f"afterwrite: {message}", err=True)
     sys.exit(code)
+
+
+def cli_time(value: str, now: datetime) -> datetime:
+    """A ``--since``/``--until`` value (ISO time or an age such as ``2h``, ``7d``) as a UTC
+    time; a bad one ends the command with a message."""
+    from afterwrite.worker.operations.dead_letter_admin import parse_time
+
+    try:
+        return parse_time(value, now=now)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def cli_settings(**overrides: Any) -> Settings:

@@ -26,6 +26,7 @@ from afterwrite.cli.common import (
     safe,
 )
 from afterwrite.cli.embeddings import embeddings_cmd
+from afterwrite.cli.history import history_cmd
 from afterwrite.cli.index import index, search
 from afterwrite.cli.observe import health, metrics_server
 from afterwrite.cli.stats import stats_cmd
@@ -406,13 +407,14 @@ def demo(records: int, rate: float, data_dir: Path | None, private: bool, docume
 @click.option(
     "--suite",
     "suites",
-    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "startup", "all"]),
+    type=click.Choice(["pipeline", "embeddings", "index", "loadtest", "startup", "history", "all"]),
     multiple=True,
     default=("pipeline",),
     show_default=True,
     help="What to measure (repeatable): the record/drain pipeline, embedding batching and the "
     "offline model, index rebuild/search at 100k and 1M vectors, the example web app under "
-    "load (wrk), start-up (client import, afterwrite --help, afterwrite status).",
+    "load (wrk), start-up (client import, afterwrite --help, afterwrite status), History reads "
+    "on 1,000,000 stored queries.",
 )
 def bench(
     entries: int,
@@ -481,6 +483,7 @@ def _use_checkout_benchmarks() -> None:
 
 
 main.add_command(embeddings_cmd)
+main.add_command(history_cmd)
 main.add_command(index)
 main.add_command(search)
 main.add_command(metrics_server)

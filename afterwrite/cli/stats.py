@@ -15,19 +15,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from afterwrite.cli.common import EXIT_UNAVAILABLE, cli_settings, fail, safe, unreachable_service
+from afterwrite.cli.common import (
+    EXIT_UNAVAILABLE,
+    cli_settings,
+    cli_time,
+    fail,
+    safe,
+    unreachable_service,
+)
 from afterwrite.worker.operations.usage_rows import GROUP_BYS, GroupBy, UsageRow
 
 _KEY_TITLES = {"model": "model", "user": "user", "day": "day (UTC)", "mode": "mode"}
-
-
-def _time(value: str, now: datetime) -> datetime:
-    from afterwrite.worker.operations.dead_letter_admin import parse_time
-
-    try:
-        return parse_time(value, now=now)
-    except ValueError as exc:
-        fail(str(exc))
 
 
 def _ms(value: float | None) -> str:
@@ -97,8 +95,8 @@ def stats_cmd(
     from afterwrite.worker.operations.usage import usage
 
     now = datetime.now(UTC)
-    start = _time(since, now)
-    end = now if until is None else _time(until, now)
+    start = cli_time(since, now)
+    end = now if until is None else cli_time(until, now)
     if start >= end:
         fail(f"empty window: --since {since} is not before --until {until or 'now'}")
     settings = cli_settings()

@@ -6,6 +6,10 @@ import re
 
 _COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_DOC_ID_CHARS = 512
+QUERIES_COLLECTION = "queries"
+"""The embedding collection of past questions (doc id: the query's event id), filled when
+``AFTERWRITE_EMBED_QUERIES=true`` or ``record_query(..., embed=True)``; ``History.similar``
+searches it."""
 
 
 def check_collection(name: object) -> str:

@@ -224,6 +224,11 @@ class Settings(BaseSettings):
     embedding_workers: Annotated[int, Field(gt=0, le=64)] = 1
     """Embedding batches running at once across all workers: the rest of the pool stays free
     for drains however slow the provider is."""
+    embed_queries: bool = False
+    """The drain of the ``query`` kind also enqueues each stored query's text as an embedding
+    job of the ``queries`` collection (doc id: the event id), so ``History.similar`` can find
+    earlier questions like a new one. Read by workers; ``record_query(..., embed=True)`` asks
+    for it per record instead."""
 
     # --- indexes ----------------------------------------------------------------------------
     index_dir: Path | None = None

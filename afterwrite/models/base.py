@@ -3,7 +3,9 @@ revisions name constraints and indexes the same way the models do."""
 
 from __future__ import annotations
 
-from sqlalchemy import MetaData
+from typing import Any
+
+from sqlalchemy import Column, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
 
 NAMING_CONVENTION = {
@@ -17,3 +19,10 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def writable_columns(table: Table) -> list[Column[Any]]:
+    """The columns a record carries: every column but those PostgreSQL generates itself
+    (``GENERATED ALWAYS AS … STORED``, such as ``query_history.search_vector``), which no
+    client sends and no export or import moves."""
+    return [c for c in table.columns if c.computed is None]

@@ -104,6 +104,13 @@ class AsyncClient(RecordMethods[Coroutine[Any, Any, Receipt]]):
         await self.close()
 
     # --- the hot path -------------------------------------------------------------------------
+    async def _record_pair(
+        self, kind: str, event_id: str, record: Any, kind2: str, record2: Any
+    ) -> Receipt:
+        receipt = await self._record(kind, event_id, record)
+        await self._record(kind2, str(record2["id"]), record2)
+        return receipt
+
     async def _record(self, kind: str, event_id: str, record: Any) -> Receipt:
         try:
             entry = wire.encode(record)

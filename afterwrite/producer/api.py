@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from afterwrite.core import kinds
 from afterwrite.core.collections import check_collection, check_doc_id
 from afterwrite.core.ids import uuid7_str
-from afterwrite.producer.records import query_record
+from afterwrite.producer.records import query_job, query_record
 
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings
@@ -46,9 +46,15 @@ class RecordMethods(ABC, Generic[R]):
         metadata: Mapping[str, Any] | None = None,
         created_at: datetime | None = None,
         event_id: str | None = None,
+        embed: bool = False,
     ) -> R:
         """Record one LLM request (kind ``query``). The result is (or resolves to) a Receipt:
-        the event id string, with ``.outcome``. Never raises for Redis trouble."""
+        the event id string, with ``.outcome``. Never raises for Redis trouble.
+
+        ``embed=True`` also sends the query's text as an embedding job of the ``queries``
+        collection (doc id: the event id), for ``History.similar``: a second stream entry,
+        so about twice the cost of the call. ``AFTERWRITE_EMBED_QUERIES=true`` on the workers
+        does it for every query instead, off the hot path."""
         record = query_record(
             query,
             event_id=event_id,
@@ -64,7 +70,15 @@ class RecordMethods(ABC, Generic[R]):
             metadata=metadata,
             created_at=created_at,
         )
+        if embed and isinstance(query, str) and query.strip():
+            job = query_job(record.id, record.created_at, query, user_id, session_id, mode)
+            return self._record_pair("query", record.id, record, "embed", job)
         return self._record("query", record.id, record)
+
+    def _record_pair(self, kind: str, event_id: str, record: Any, kind2: str, record2: Any) -> R:
+        """Hand over ``record``, then ``record2`` (its own id inside); the result is the
+        first's. Implemented by the clients; a builder of payloads need not."""
+        raise NotImplementedError
 
     def record(self, kind: str, payload: Mapping[str, Any]) -> R:
         """Record one entry of a registered kind; ``payload`` maps column names to values.

@@ -159,6 +159,13 @@ class Client(RecordMethods[Receipt]):
         self.stats.count(outcome)
         return RECEIPT_TYPES[outcome](event_id)
 
+    def _record_pair(
+        self, kind: str, event_id: str, record: Any, kind2: str, record2: Any
+    ) -> Receipt:
+        receipt = self._record(kind, event_id, record)
+        self._record(kind2, str(record2["id"]), record2)
+        return receipt
+
     def _send_stand_in(self, kind: str, entry: bytes) -> None:
         """Send the stand-in of a record that could not be encoded the way any entry goes, so
         the worker dead-letters it with its reason and content (see wire.unencodable)."""

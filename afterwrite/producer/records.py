@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from afterwrite.core.collections import QUERIES_COLLECTION
 from afterwrite.core.ids import uuid7_str
 
 
@@ -233,3 +234,36 @@ def query_record(
         retrieval=retrieval,
         metadata=metadata,
     )
+
+
+MAX_QUERY_JOB_CHARS = 200_000
+"""An embedding job's text is cut here (``afterwrite.models.embedding.MAX_EMBED_TEXT_CHARS``;
+the provider policy then fits it to the model's tokens)."""
+
+
+def query_job(
+    event_id: str,
+    created_at: datetime,
+    query: str,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    mode: str | None = None,
+) -> dict[str, Any]:
+    """The embedding job of a query's text in the ``queries`` collection. Its id and doc id are
+    the query's event id, so every job made for one query (the producer's, with
+    ``record_query(..., embed=True)``, and the worker's, under ``AFTERWRITE_EMBED_QUERIES``;
+    both built here) is the same job, byte for byte, and applying it twice changes nothing.
+    ``user_id``, ``session_id`` and ``mode`` travel in its metadata."""
+    job: dict[str, Any] = {
+        "id": event_id,
+        "created_at": created_at,
+        "collection": QUERIES_COLLECTION,
+        "doc_id": event_id,
+        "op": "upsert",
+        "text": query[:MAX_QUERY_JOB_CHARS],
+    }
+    meta = {"user_id": user_id, "session_id": session_id, "mode": mode}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if meta:
+        job["metadata"] = meta
+    return job

@@ -8,7 +8,6 @@ the query plans of the common questions on a million-row table.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import time
@@ -219,15 +218,6 @@ def test_usage_rejects_bad_arguments(pg: psycopg.Connection[Any]) -> None:
 
 
 # --- the command ------------------------------------------------------------------------------
-@pytest.fixture
-def cli_env(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test database in the environment, nothing of the developer's AFTERWRITE_*."""
-    for key in [k for k in os.environ if k.startswith("AFTERWRITE_")]:
-        monkeypatch.delenv(key)
-    for key in [k for k in base_env if k.startswith("AFTERWRITE_")]:
-        monkeypatch.setenv(key, base_env[key])
-
-
 WINDOW = ["--since", SINCE.isoformat(), "--until", UNTIL.isoformat()]
 
 

@@ -28,6 +28,7 @@ from afterwrite.core import wire
 from afterwrite.core.ids import uuid7_str
 from afterwrite.core.settings import Settings
 from afterwrite.demo import traffic
+from afterwrite.models.base import writable_columns
 from afterwrite.models.registry import kinds
 from afterwrite.worker.operations.transfer import (
     EXPORT_FETCH_ROWS,
@@ -48,7 +49,8 @@ def cli() -> None:
 cli.add_command(export_cmd)
 cli.add_command(import_cmd)
 
-COLUMNS = [c.name for c in kinds.get("query").table.columns]
+COLUMNS = [c.name for c in writable_columns(kinds.get("query").table)]
+"""Every column but the generated search_vector, which PostgreSQL recomputes on import."""
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
 

@@ -24,6 +24,7 @@ import msgspec
 from afterwrite.core import wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind
+from afterwrite.worker.embedding.queries import for_drain as query_jobs_for_drain
 from afterwrite.worker.errors import BadDeployError, is_explained
 from afterwrite.worker.ingest.batch_writer import Rejection, Row, write_batch
 from afterwrite.worker.ingest.database import Database
@@ -114,6 +115,8 @@ class KindDrain:
         self._max_deliveries = settings.max_deliveries
         self.sql: KindSql = kind_sql(kind.table, self.codec.columns)
         self._id_index = self.codec.columns.index("id")
+        # After each commit, before the acknowledgement: past questions to embed, or None.
+        self._query_jobs = query_jobs_for_drain(kind, settings, stream.conn, self.codec.columns)
         self._clock = clock
         self._wall = wall_clock
         self._stopping = stopping
@@ -218,6 +221,8 @@ class KindDrain:
         except Exception:
             self.db.discard_if_broken()
             raise
+        if self._query_jobs is not None:
+            self._query_jobs.enqueue(rows)
         # Committed: only now may the entries leave the stream.
         self.stream.ack([e.id for e in entries])
         stored = len(rows) - len(result.rejected)

@@ -23,6 +23,7 @@ import msgspec
 from sqlalchemy import Column, Table, types
 
 from afterwrite.core.errors import PoisonError
+from afterwrite.models.base import writable_columns
 
 MAX_TEXT_CHARS = 1_000_000
 """Default limit for unbounded text columns; override per column with ``info={"max_chars": n}``."""
@@ -62,7 +63,9 @@ class RowCodec:
         """``restoring``: rows of an export coming back (``afterwrite import``), whose
         server-owned columns (``ingested_at``) hold what the server set the first time."""
         self.table = table
-        self._fields = tuple(_field(c, max_future_skew_s, restoring) for c in table.columns)
+        self._fields = tuple(
+            _field(c, max_future_skew_s, restoring) for c in writable_columns(table)
+        )
         self._known = frozenset(f.name for f in self._fields)
         self.columns: tuple[str, ...] = tuple(f.name for f in self._fields)
 

@@ -52,6 +52,7 @@ from psycopg import sql
 from sqlalchemy import Column, Table, types
 
 from afterwrite.core.errors import ConfigurationError, PoisonError
+from afterwrite.models.base import writable_columns
 from afterwrite.models.registry import Kind, kinds
 from afterwrite.worker.ingest.batch_writer import Rejection, write_batch
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -154,7 +155,7 @@ def export_query(
     table: Table, since: datetime | None = None, until: datetime | None = None
 ) -> tuple[sql.Composed, list[Any]]:
     """The SELECT an export runs: every column, ``since <= created_at < until``, by id."""
-    selects = [export_column(c)[0] for c in table.columns]
+    selects = [export_column(c)[0] for c in writable_columns(table)]
     where: list[sql.Composable] = []
     params: list[Any] = []
     if since is not None or until is not None:
@@ -194,11 +195,10 @@ def export_rows(
     _require_idle(conn, "export_rows reads in a transaction of its own")
     k = _resolve(kind)
     table = k.table
-    names = [c.name for c in table.columns]
+    columns = writable_columns(table)
+    names = [c.name for c in columns]
     converts = [
-        (i, c.name, fn)
-        for i, c in enumerate(table.columns)
-        if (fn := export_column(c)[1]) is not None
+        (i, c.name, fn) for i, c in enumerate(columns) if (fn := export_column(c)[1]) is not None
     ]
     query, params = export_query(table, since, until)
     write = _sink(out)

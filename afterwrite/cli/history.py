@@ -1,0 +1,149 @@
+"""``afterwrite history``: a user's records, one conversation, or full-text search
+(afterwrite.History) as a table or JSON.
+
+Read-only. Registered on the main group by afterwrite.cli.main.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.table import Table
+
+from afterwrite.cli.common import cli_settings, cli_time, console, fail, printable_json, safe
+
+if TYPE_CHECKING:
+    from afterwrite.history import History, Hit, StoredQuery
+
+T = TypeVar("T")
+
+
+def _read(read: Callable[[History], T]) -> T:
+    """``read(history)`` with the configured database; a bad argument or an unreachable
+    database ends the command with its message."""
+    from afterwrite.core.errors import SettingsError
+    from afterwrite.history import History, HistoryUnavailable
+
+    settings = cli_settings()
+    try:
+        with History.from_env(settings) as history:
+            return read(history)
+    except SettingsError as exc:
+        fail(str(exc))
+    except HistoryUnavailable as exc:
+        fail(str(exc), code=1)
+    except ValueError as exc:  # InvalidCursor included
+        fail(str(exc))
+
+
+def _table(title: str, records: list[StoredQuery], scores: list[float] | None = None) -> Table:
+    table = Table(title=safe(title))
+    if scores is not None:
+        table.add_column("score", justify="right")
+    for name in ("created (UTC)", "user", "session", "mode", "models"):
+        table.add_column(name, no_wrap=True)
+    for name in ("query", "response"):
+        table.add_column(name, max_width=48, overflow="ellipsis", no_wrap=True)
+    table.add_column("ms", justify="right")
+    table.add_column("id", no_wrap=True)
+    for i, r in enumerate(records):
+        cells = [] if scores is None else [f"{scores[i]:.3f}"]
+        cells += [
+            r.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            safe(r.user_id or "-"),
+            safe(r.session_id or "-"),
+            safe(r.mode or "-"),
+            safe(", ".join(r.model_ids) or "-"),
+            safe(" ".join(r.query.split())),
+            safe(" ".join((r.response or "-").split())),
+            "-" if r.response_time_ms is None else f"{r.response_time_ms:,.0f}",
+            r.id,
+        ]
+        table.add_row(*cells)
+    return table
+
+
+def _echo_json(report: dict[str, Any]) -> None:
+    click.echo(printable_json(json.dumps(report, ensure_ascii=False, indent=2)))
+
+
+@click.group("history", invoke_without_command=True)
+@click.option("--user", "user_id", help="Only this user's records.")
+@click.option("--session", "session_id", help="Only this session's (alone: in order).")
+@click.option("--mode", help="Only records of this mode.")
+@click.option("--model", help="Only requests this model answered.")
+@click.option("--since", help="Created at or after: ISO time or age (30m, 2h, 7d).")
+@click.option("--until", help="Created before: ISO time or age.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--cursor", help="Continue from a previous page's next cursor (same filters).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def history_cmd(
+    ctx: click.Context,
+    user_id: str | None,
+    session_id: str | None,
+    mode: str | None,
+    model: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """Stored query records, newest first (one page; --cursor for the next).
+
+    With --session and no other filter: that conversation, oldest first, in the order its
+    records were made.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    now = datetime.now(UTC)
+    start = None if since is None else cli_time(since, now)
+    end = None if until is None else cli_time(until, now)
+    conversation = session_id is not None and not any((user_id, mode, model, since, until))
+    if conversation:
+        assert session_id is not None
+        page = _read(lambda h: h.conversation(session_id, limit=limit, cursor=cursor))
+        title = f"session {session_id}, in order"
+    else:
+        page = _read(
+            lambda h: h.recent(
+                user_id,
+                session_id=session_id,
+                mode=mode,
+                model=model,
+                since=start,
+                until=end,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+        filters = (("user", user_id), ("session", session_id), ("mode", mode), ("model", model))
+        title = ", ".join(f"{k} {v}" for k, v in filters if v is not None) or "everyone"
+        title += ", newest first"
+    if as_json:
+        _echo_json({"items": [r.as_dict() for r in page.items], "next_cursor": page.next_cursor})
+        return
+    console.print(_table(title, page.items))
+    if page.next_cursor is not None:
+        click.echo(f"more: --cursor {page.next_cursor}")
+
+
+@history_cmd.command("search")
+@click.argument("text")
+@click.option("--user", "user_id", help="Only this user's records.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def history_search(text: str, user_id: str | None, limit: int, as_json: bool) -> None:
+    """Full-text search over the stored queries, best match first (web-search syntax:
+    words, "a phrase", or, -word)."""
+    hits: list[Hit] = _read(lambda h: h.search_text(text, user_id=user_id, limit=limit))
+    if as_json:
+        _echo_json({"hits": [{"score": h.score, **h.record.as_dict()} for h in hits]})
+        return
+    title = f"{text!r}" + ("" if user_id is None else f", user {user_id}")
+    console.print(_table(title, [h.record for h in hits], [h.score for h in hits]))
