@@ -18,12 +18,30 @@ from afterwrite.producer.records import query_record
 
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings
+    from afterwrite.producer.redact import ProducerRedaction
 
 R = TypeVar("R")
 
 
 class RecordMethods(ABC, Generic[R]):
     _settings: Settings
+    _redact: ProducerRedaction | None = None
+    """Set by a client when ``AFTERWRITE_PRODUCER_REDACT`` is on (see producer.redact)."""
+
+    def _init_redaction(self) -> None:
+        from afterwrite.producer import redact
+
+        self._redact = redact.for_settings(self._settings)
+
+    def _hand(self, kind: str, event_id: str, record: Any) -> R:
+        redact = self._redact
+        if redact is not None and kind in redact:
+            try:
+                record = redact(kind, record)
+            except Exception as exc:
+                # never sent raw: the worker dead-letters the stand-in, with no content
+                record = _Unredactable(type(exc).__name__)
+        return self._record(kind, event_id, record)
 
     @abstractmethod
     def _record(self, kind: str, event_id: str, record: Any) -> R:
@@ -46,13 +64,18 @@ class RecordMethods(ABC, Generic[R]):
         metadata: Mapping[str, Any] | None = None,
         created_at: datetime | None = None,
         event_id: str | None = None,
+        store_text: bool = True,
     ) -> R:
         """Record one LLM request (kind ``query``). The result is (or resolves to) a Receipt:
-        the event id string, with ``.outcome``. Never raises for Redis trouble."""
+        the event id string, with ``.outcome``. Never raises for Redis trouble.
+
+        ``store_text=False``: the query and response bodies are left out here, before Redis;
+        the row keeps the metadata (models, tokens, latency, user, session) with ``query``
+        and ``response`` NULL and ``text_stored`` false."""
         record = query_record(
-            query,
+            query if store_text else None,
             event_id=event_id,
-            response=response,
+            response=response if store_text else None,
             user_id=user_id,
             session_id=session_id,
             mode=mode,
@@ -63,8 +86,11 @@ class RecordMethods(ABC, Generic[R]):
             retrieval=retrieval,
             metadata=metadata,
             created_at=created_at,
+            text_stored=None if store_text else False,
         )
-        return self._record("query", record.id, record)
+        if self._redact is None:  # the usual case: no extra call on the hot path
+            return self._record("query", record.id, record)
+        return self._hand("query", record.id, record)
 
     def record(self, kind: str, payload: Mapping[str, Any]) -> R:
         """Record one entry of a registered kind; ``payload`` maps column names to values.
@@ -79,7 +105,7 @@ class RecordMethods(ABC, Generic[R]):
             kinds.require(kind)
         record = dict(payload)
         event_id = record.setdefault("id", uuid7_str())
-        return self._record(kind, str(event_id), record)
+        return self._hand(kind, str(event_id), record)
 
     def record_metric(
         self,
@@ -99,7 +125,7 @@ class RecordMethods(ABC, Generic[R]):
         }
         if tags:
             record["tags"] = dict(tags)
-        return self._record("metric", record["id"], record)
+        return self._hand("metric", record["id"], record)
 
     def embed(
         self,
@@ -130,7 +156,7 @@ class RecordMethods(ABC, Generic[R]):
         }
         if metadata is not None:
             record["metadata"] = dict(metadata)
-        return self._record("embed", record["id"], record)
+        return self._hand("embed", record["id"], record)
 
     def delete_embedding(self, collection: str, doc_id: str) -> R:
         """Remove document ``doc_id`` from ``collection``: it leaves search results at once
@@ -145,3 +171,15 @@ class RecordMethods(ABC, Generic[R]):
             "op": "delete",
         }
         return self._record("embed", record["id"], record)
+
+
+class _Unredactable:
+    """Stands in for a record a producer-side redactor failed on: the wire encoder refuses it,
+    so the client sends the unencodable stand-in (dead-lettered by the worker) holding only
+    this text, never the record."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"<record withheld: the producer's redactor raised {self.error}>"

@@ -23,6 +23,7 @@ from afterwrite.core import wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind
 from afterwrite.worker.errors import BadDeployError, is_explained
+from afterwrite.worker.ingest import privacy
 from afterwrite.worker.ingest.batch_writer import Rejection, write_batch
 from afterwrite.worker.ingest.database import Database
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -109,6 +110,8 @@ class KindDrain:
         self.codec = RowCodec(kind.table, max_future_skew_s=settings.max_future_skew_s)
         self.sql: KindSql = kind_sql(kind.table, self.codec.columns)
         self._id_index = self.codec.columns.index("id")
+        self.privacy = privacy.for_kind(kind, settings)
+        """Redaction and bodies left out (None: nothing to do for this kind)."""
         self._clock = clock
         self._wall = wall_clock
         self._stopping = stopping
@@ -263,6 +266,8 @@ class KindDrain:
                     f"delivered {entry.deliveries} times without being stored "
                     f"(limit {self.settings.max_deliveries}); it may crash its consumer",
                 )
+            if self.privacy is not None:
+                payload = self.privacy.apply(payload)
             row = self.codec.row(payload)
             if self.kind.validate is not None:
                 self._run_validator(payload)
@@ -404,7 +409,7 @@ class KindDrain:
     def _dead(
         self, entry: Entry, payload: Any, code: str, detail: str, *, reason: str
     ) -> DeadEntry:
-        return DeadEntry(
+        dead = DeadEntry(
             kind=self.kind.name,
             entry_id=entry.id,
             payload_raw=entry.payload or b"",
@@ -414,6 +419,7 @@ class KindDrain:
             detail=detail,
             deliveries=entry.deliveries,
         )
+        return dead if self.privacy is None else self.privacy.dead_letter(dead)
 
     def _lag_s(self, entries: Sequence[Entry]) -> float | None:
         if not entries:
