@@ -238,6 +238,11 @@ class Settings(BaseSettings):
     dead_letter_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 30
     """Dead letters not seen again for this long are deleted, and never kept longer than
     their kind's own retention."""
+    embedding_cache_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 90
+    """Embedding cache entries older than this that no live embedding uses are deleted."""
+    index_version_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 30
+    """Index versions built longer ago than this are deleted (never the published one),
+    whatever ``index_keep_versions`` says: a rollback cannot bring back older data."""
 
     # --- embeddings -------------------------------------------------------------------------
     embedding_provider: str = "auto"

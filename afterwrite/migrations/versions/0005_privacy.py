@@ -1,4 +1,5 @@
-"""privacy: query_history.text_stored (store_text=False: query NULL) and redacted_by
+"""privacy: query_history.text_stored (store_text=False: query NULL) and redacted_by;
+indexes for the embedding cache's retention
 
 Revision ID: 0005
 Revises: 0004
@@ -30,8 +31,16 @@ def upgrade() -> None:
         sa.Column("redacted_by", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     )
 
+    # retention and erasure find cache entries no live document uses
+    op.create_index("ix_embeddings_content_hash", "embeddings", ["content_hash"], unique=False)
+    op.create_index(
+        "ix_embedding_cache_created_at", "embedding_cache", ["created_at"], unique=False
+    )
+
 
 def downgrade() -> None:
+    op.drop_index("ix_embedding_cache_created_at", table_name="embedding_cache")
+    op.drop_index("ix_embeddings_content_hash", table_name="embeddings")
     op.drop_column("query_history", "redacted_by")
     op.drop_column("query_history", "text_stored")
     # Rows stored without bodies get an empty query back, as NOT NULL demands.
