@@ -4,6 +4,7 @@ The public API::
 
     from afterwrite import Client, AsyncClient, IndexReader, Receipt, Outcome
     from afterwrite import Error, ConfigurationError, TransientError, PoisonError
+    from afterwrite import erase_user  # erasure of one user everywhere (loads the worker side)
 
 Names are imported on first use, so ``import afterwrite`` costs almost nothing, recording loads
 only the producer (no SQLAlchemy, psycopg, Celery, numpy or FAISS), and numpy and FAISS load
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from afterwrite.producer.client import Client
     from afterwrite.producer.records import Outcome, ProducerStats, Receipt
     from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
+    from afterwrite.worker.operations.erasure import erase_user
 
 _LAZY = {
     "AsyncClient": "afterwrite.producer.aio",
@@ -39,6 +41,7 @@ _LAZY = {
     "ProducerStats": "afterwrite.producer.records",
     "Receipt": "afterwrite.producer.records",
     "UnknownKindError": "afterwrite.core.kinds",
+    "erase_user": "afterwrite.worker.operations.erasure",
 }
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "SettingsError",
     "TransientError",
     "UnknownKindError",
+    "erase_user",
 ]
 
 

@@ -243,6 +243,12 @@ class Settings(BaseSettings):
     index_version_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 30
     """Index versions built longer ago than this are deleted (never the published one),
     whatever ``index_keep_versions`` says: a rollback cannot bring back older data."""
+    erasure_log_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 1095
+    """Erasure log rows (user hash and counts) are kept this long (3 years): the evidence
+    that a request was carried out."""
+    erasure_tombstone_days: Annotated[int, Field(ge=1, le=100_000)] = 30
+    """An erasure's tombstone (drains drop the user's entries recorded before it) is kept
+    this long: spill journals on other hosts must be replayed or cleaned within it."""
 
     # --- embeddings -------------------------------------------------------------------------
     embedding_provider: str = "auto"

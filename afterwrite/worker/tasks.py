@@ -192,7 +192,7 @@ def retention() -> dict[str, Any]:
     def work(rt: Runtime) -> dict[str, Any]:
         with psycopg.connect(rt.settings.require_database_url(), autocommit=True) as conn:
             reports = run_retention(conn, list(kinds), rt.settings)
-            stores = run_store_retention(conn, rt.settings)
+            stores = run_store_retention(conn, rt.settings, rt.redis)
         return {"kinds": [r.as_dict() for r in reports], "stores": [r.as_dict() for r in stores]}
 
     return _guarded("*", "retention", work)

@@ -9,7 +9,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 
+from afterwrite.core import erasure
 from afterwrite.demo.services import Endpoints
 from afterwrite.vectorindex import files
 from afterwrite.worker.index import jobs
@@ -73,3 +75,23 @@ def test_index_versions_older_than_their_retention_are_pruned_never_the_publishe
     assert (directory / files.MANIFEST).exists()
     with pytest.raises(ValueError, match="no version older"):  # nothing left to roll back to
         jobs.rollback(settings, "docs")
+
+
+def test_old_erasure_log_rows_and_tombstones_expire(
+    endpoints: Endpoints, tmp_path: Path, pg: psycopg.Connection[Any], rdb: redis.Redis
+) -> None:
+    settings = index_settings(
+        endpoints, tmp_path, erasure_log_retention_days=10, erasure_tombstone_days=5
+    )
+    for age in (20, 1):
+        pg.execute(
+            "INSERT INTO erasure_log (erased_at, user_hash, counts, collections, host, duration_s)"
+            " VALUES (now() - make_interval(days => %s), %s, '{}', '[]', 'h', 0)",
+            (age, f"{age:064d}"),
+        )
+    now_ms = int(time.time() * 1000)
+    key = erasure.tombstone_key(settings.stream_prefix)
+    rdb.hset(key, mapping={"old": now_ms - 6 * 86_400_000, "new": now_ms - 86_400_000})
+    run_store_retention(pg, settings, rdb)
+    assert [r[0] for r in pg.execute("SELECT user_hash FROM erasure_log")] == [f"{1:064d}"]
+    assert set(rdb.hkeys(key)) == {b"new"}

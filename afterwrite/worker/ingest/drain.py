@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from afterwrite.core import wire
+from afterwrite.core import erasure, wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind
 from afterwrite.worker.errors import BadDeployError, is_explained
@@ -112,6 +112,8 @@ class KindDrain:
         self._id_index = self.codec.columns.index("id")
         self.privacy = privacy.for_kind(kind, settings)
         """Redaction and bodies left out (None: nothing to do for this kind)."""
+        # users erased (afterwrite erase): loaded with each read; entries acknowledged unstored
+        stream.watch_tombstones(erasure.tombstone_key(settings.stream_prefix))
         self._clock = clock
         self._wall = wall_clock
         self._stopping = stopping
@@ -170,9 +172,12 @@ class KindDrain:
         row_entries: list[Entry] = []
         dead: list[DeadEntry] = []
         seen: dict[str, bytes | None] = {}
-        duplicates = 0
+        duplicates = erased = 0
         for entry in entries:
             checked = self._check(entry)
+            if checked is None:
+                erased += 1
+                continue
             if isinstance(checked, DeadEntry):
                 dead.append(checked)
                 continue
@@ -218,6 +223,13 @@ class KindDrain:
             raise
         # Committed: only now may the entries leave the stream.
         self.stream.ack([e.id for e in entries])
+        if erased:
+            log.info(
+                "%d %s entries of erased users acknowledged without being stored",
+                erased,
+                self.kind.name,
+                extra={"action": "erased_entries", "kind": self.kind.name, "entries": erased},
+            )
         stored = len(rows) - len(result.rejected)
         report = BatchReport(
             kind=self.kind.name,
@@ -242,8 +254,9 @@ class KindDrain:
         )
         return report
 
-    def _check(self, entry: Entry) -> tuple[Any, tuple[Any, ...]] | DeadEntry:
-        """The entry's decoded payload and row, or its dead letter. Never raises for content."""
+    def _check(self, entry: Entry) -> tuple[Any, tuple[Any, ...]] | DeadEntry | None:
+        """The entry's decoded payload and row, its dead letter, or None when it names an
+        erased user (acknowledged with the batch, never stored). Never raises for content."""
         payload: Any = None
         try:
             if entry.payload is None:
@@ -260,6 +273,8 @@ class KindDrain:
                 raise Invalid(
                     "unencodable", f"the producer could not encode it: {stand_in['reason']}"
                 )
+            if privacy.erased(payload, entry.id, self.stream.tombstones):
+                return None
             if entry.deliveries > self.settings.max_deliveries:
                 raise Invalid(
                     "too_many_deliveries",

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Table, types
 
-from afterwrite.core import redaction, wire
+from afterwrite.core import erasure, redaction, wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind, kinds
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -209,3 +209,9 @@ def redactors(settings: Settings) -> dict[str, redaction.KindRedactor]:
 def check(settings: Settings) -> None:
     """Validate the redaction settings against the registered kinds (at worker start)."""
     redactors(settings)
+
+
+def erased(payload: Any, entry_id: str, tombstones: dict[str, int]) -> bool:
+    """Whether the entry names a user erased after it was recorded (then it is acknowledged
+    with its batch, never stored). ``tombstones``: what the stream read loaded with it."""
+    return bool(tombstones) and erasure.is_erased(payload, wire.entry_ms(entry_id), tombstones)

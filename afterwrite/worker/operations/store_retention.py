@@ -8,7 +8,9 @@ Run by the retention task after the kinds and the dead letters
   document's own row does not; its text embedded again costs one provider call);
 - ``AFTERWRITE_INDEX_VERSION_RETENTION_DAYS`` (30): index versions built longer ago than this
   are deleted, whatever ``AFTERWRITE_INDEX_KEEP_VERSIONS`` says, never the published one, under
-  the collection's build lock, through the same prune a rebuild uses.
+  the collection's build lock, through the same prune a rebuild uses;
+- ``AFTERWRITE_ERASURE_LOG_RETENTION_DAYS`` (1095): erasure log rows;
+- ``AFTERWRITE_ERASURE_TOMBSTONE_DAYS`` (30): erasure tombstones in Redis.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from afterwrite.core import erasure
 from afterwrite.core.settings import Settings
 from afterwrite.vectorindex import files
 from afterwrite.worker.index import publish
@@ -134,10 +137,31 @@ def prune_old_index_versions(
     return StoreReport("index_versions", deleted, finished, time.monotonic() - started)
 
 
-def run_store_retention(conn: psycopg.Connection[Any], settings: Settings) -> list[StoreReport]:
-    """The embedding cache's and the index versions' retention (see the module doc)."""
+def purge_erasure_log(conn: psycopg.Connection[Any], cut: datetime) -> StoreReport:
+    """Delete erasure log rows older than ``cut`` (a small table: one statement)."""
+    started = time.monotonic()
+    n = max(conn.execute("DELETE FROM erasure_log WHERE erased_at < %s", (cut,)).rowcount, 0)
+    return StoreReport("erasure_log", n, True, time.monotonic() - started)
+
+
+def purge_tombstones(r: Any, prefix: str, cut_ms: int) -> StoreReport:
+    """Forget erasure tombstones older than ``cut_ms`` (epoch milliseconds)."""
+    started = time.monotonic()
+    key = erasure.tombstone_key(prefix)
+    raw: Any = r.hgetall(key)
+    old = [k for k, v in raw.items() if int(v) < cut_ms]
+    if old:
+        r.hdel(key, *old)
+    return StoreReport("erasure_tombstones", len(old), True, time.monotonic() - started)
+
+
+def run_store_retention(
+    conn: psycopg.Connection[Any], settings: Settings, r: Any | None = None
+) -> list[StoreReport]:
+    """The retention of the embedding cache, index versions, the erasure log and (with a
+    Redis connection ``r``) the erasure tombstones; see the module doc."""
     now = datetime.now(UTC)
-    return [
+    reports = [
         purge_embedding_cache(
             conn,
             now - timedelta(days=settings.embedding_cache_retention_days),
@@ -145,4 +169,9 @@ def run_store_retention(conn: psycopg.Connection[Any], settings: Settings) -> li
             budget_s=settings.retention_budget_s,
         ),
         prune_old_index_versions(settings, settings.index_version_retention_days),
+        purge_erasure_log(conn, now - timedelta(days=settings.erasure_log_retention_days)),
     ]
+    if r is not None:
+        cut_ms = int((now - timedelta(days=settings.erasure_tombstone_days)).timestamp() * 1000)
+        reports.append(purge_tombstones(r, settings.stream_prefix, cut_ms))
+    return reports
