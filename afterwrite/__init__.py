@@ -5,6 +5,7 @@ The public API::
     from afterwrite import Client, AsyncClient, IndexReader, Hit, Receipt, Outcome
     from afterwrite import History, AsyncHistory  # read back what was written
     from afterwrite import Error, ConfigurationError, TransientError, PoisonError
+    from afterwrite import erase_user  # erasure of one user everywhere (loads the worker side)
 
 Names are imported on first use, so ``import afterwrite`` costs almost nothing, recording loads
 only the producer (no SQLAlchemy, psycopg, Celery, numpy or FAISS), and numpy and FAISS load
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from afterwrite.producer.records import Outcome, ProducerStats, Receipt
     from afterwrite.readers.hits import Hit
     from afterwrite.readers.index_reader import IndexReader, IndexUnavailable
+    from afterwrite.worker.operations.erasure import erase_user
 
 _LAZY = {
     "AsyncClient": "afterwrite.producer.aio",
@@ -47,6 +49,7 @@ _LAZY = {
     "ProducerStats": "afterwrite.producer.records",
     "Receipt": "afterwrite.producer.records",
     "UnknownKindError": "afterwrite.core.kinds",
+    "erase_user": "afterwrite.worker.operations.erasure",
 }
 
 __all__ = [
@@ -67,6 +70,7 @@ __all__ = [
     "SettingsError",
     "TransientError",
     "UnknownKindError",
+    "erase_user",
 ]
 
 

@@ -482,6 +482,39 @@ def _use_checkout_benchmarks() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
+@main.command("erase")
+@click.option("--user-id", required=True, help="The user whose data is erased.")
+@click.option("--dry-run", is_flag=True, help="Count what would be erased; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def erase(user_id: str, dry_run: bool, as_json: bool) -> None:
+    """Erase one user's data in every store: rows, metric points, embeddings and their cache,
+    dead letters, index versions, pending stream entries (a tombstone), this host's spill
+    journals. Records counts (not data) in the erasure log. Idempotent."""
+    from afterwrite.worker.operations.erasure import erase_user
+
+    settings = cli_settings()
+    require_schema(settings)
+    report = erase_user(user_id, settings=settings, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    table = Table(
+        title=f"{'would erase' if dry_run else 'erased'} (user sha256 {report.user_hash[:16]}…)"
+    )
+    table.add_column("store")
+    table.add_column("count", justify="right")
+    for store, n in report.counts.items():
+        table.add_row(store, f"{n:,}")
+    console.print(table)
+    if report.collections:
+        console.print(f"indexes rebuilt: {', '.join(safe(c) for c in report.collections)}")
+    if report.counts.get("spill_segments_busy"):
+        console.print(
+            "spill segments held by running producers were left to the tombstone; run "
+            "`afterwrite erase` on every host that spills (see README, Privacy)"
+        )
+
+
 main.add_command(embeddings_cmd)
 main.add_command(history_cmd)
 main.add_command(index)

@@ -172,6 +172,70 @@ class Settings(BaseSettings):
     """``afterwrite import``: a longer line is dead-lettered (``line_too_long``) unread. The
     default holds any row the drain accepts (1M-character texts, 1 MB JSON columns)."""
 
+    # --- privacy ----------------------------------------------------------------------------
+    redact: dict[str, str] = Field(default_factory=dict)
+    """What workers redact before anything is stored: ``kind.field=redactors`` pairs,
+    e.g. ``query.query=all,query.response=email+card,embed.text=all``. Redactors: ``all``,
+    ``email``, ``phone``, ``card``, ``secret``, ``ip``, ``custom`` (joined by ``+``);
+    ``kind.*`` is every text or JSON field of the kind. Empty: nothing is redacted."""
+    redactor: str | None = None
+    """Your own redactor, ``module:function`` taking and returning a str; it runs after the
+    built-ins wherever a rule names ``custom`` (or ``all``)."""
+    producer_redact: bool = False
+    """Producers apply the same ``AFTERWRITE_REDACT`` rules before a record reaches Redis or
+    the spill journal (costs the request handler the redaction; see the README's figures)."""
+    dead_letter_keep_raw: bool = False
+    """Dead letters of a kind with redaction rules keep the entry's original bytes. Off: they
+    keep the redacted record (still replayable), and an entry whose redaction failed keeps
+    none of its content."""
+    no_text_modes: tuple[str, ...] = ()
+    """Query records of these modes (comma-separated) are stored without ``query`` and
+    ``response`` bodies, as with ``record_query(..., store_text=False)``."""
+    no_text_models: tuple[str, ...] = ()
+    """Query records naming any of these models in ``model_ids`` are stored without bodies."""
+
+    @field_validator("redact", mode="before")
+    @classmethod
+    def _parse_redact(cls, v: Any) -> Any:
+        return _pairs(v, "kind.field=redactors, e.g. query.query=all")
+
+    @field_validator("redactor")
+    @classmethod
+    def _check_redactor(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        module, sep, attr = v.partition(":")
+        if (
+            not sep
+            or not all(p.isidentifier() for p in module.split("."))
+            or not attr.isidentifier()
+        ):
+            raise ValueError(f"{v!r} must be module:function, e.g. myapp.pii:redact")
+        return v
+
+    @field_validator("no_text_modes", "no_text_models", mode="before")
+    @classmethod
+    def _split_names(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(m.strip() for m in v.split(",") if m.strip())
+        return v
+
+    @model_validator(mode="after")
+    def _check_redact(self) -> Settings:
+        from afterwrite.core.redaction import parse_rules
+
+        try:
+            parse_rules(self.redact, hook=self.redactor is not None)
+        except ValueError as exc:
+            raise ValueError(f"AFTERWRITE_REDACT: {exc}") from None
+        return self
+
+    def redaction_rules(self) -> dict[tuple[str, str], frozenset[str]]:
+        """``AFTERWRITE_REDACT`` parsed: (kind, field) → redactor names."""
+        from afterwrite.core.redaction import parse_rules
+
+        return parse_rules(self.redact, hook=self.redactor is not None)
+
     # --- retention --------------------------------------------------------------------------
     retention_days: dict[str, int] = Field(default_factory=dict)
     """Per-kind retention, ``query=90,agent_task=30``; overrides a kind's own default. Kinds
@@ -184,6 +248,17 @@ class Settings(BaseSettings):
     dead_letter_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 30
     """Dead letters not seen again for this long are deleted, and never kept longer than
     their kind's own retention."""
+    embedding_cache_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 90
+    """Embedding cache entries older than this that no live embedding uses are deleted."""
+    index_version_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 30
+    """Index versions built longer ago than this are deleted (never the published one),
+    whatever ``index_keep_versions`` says: a rollback cannot bring back older data."""
+    erasure_log_retention_days: Annotated[int, Field(ge=1, le=100_000)] = 1095
+    """Erasure log rows (user hash and counts) are kept this long (3 years): the evidence
+    that a request was carried out."""
+    erasure_tombstone_days: Annotated[int, Field(ge=1, le=100_000)] = 30
+    """An erasure's tombstone (drains drop the user's entries recorded before it) is kept
+    this long: spill journals on other hosts must be replayed or cleaned within it."""
 
     # --- embeddings -------------------------------------------------------------------------
     embedding_provider: str = "auto"

@@ -6,6 +6,7 @@ Importing this package registers the built-in kinds.
 from afterwrite.models.base import Base
 from afterwrite.models.dead_letter import DeadLetter
 from afterwrite.models.embedding import Embedding, EmbeddingCache, EmbeddingJob
+from afterwrite.models.erasure_log import ErasureLog
 from afterwrite.models.index_build import IndexBuild
 from afterwrite.models.metric import MetricPoint, MetricRollup
 from afterwrite.models.query_history import QueryHistory
@@ -17,6 +18,7 @@ __all__ = [
     "Embedding",
     "EmbeddingCache",
     "EmbeddingJob",
+    "ErasureLog",
     "IndexBuild",
     "Kind",
     "KindRegistry",

@@ -101,6 +101,7 @@ class Embedding(Base):
     __table_args__ = (
         UniqueConstraint("collection", "doc_id"),
         Index("ix_embeddings_collection_seq", "collection", "seq"),
+        Index("ix_embeddings_content_hash", "content_hash"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -138,6 +139,7 @@ class EmbeddingCache(Base):
     """Vectors by (model, content hash): unchanged or repeated text costs no provider call."""
 
     __tablename__ = "embedding_cache"
+    __table_args__ = (Index("ix_embedding_cache_created_at", "created_at"),)
 
     model: Mapped[str] = mapped_column(String(200), primary_key=True)
     content_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)

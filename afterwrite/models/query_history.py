@@ -16,10 +16,23 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Computed, DateTime, Double, Index, Integer, String, Text, Uuid, func, text
+from sqlalchemy import (
+    Boolean,
+    Computed,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 from sqlalchemy.orm import Mapped, mapped_column
 
+from afterwrite.core.errors import PoisonError
 from afterwrite.models.base import Base
 from afterwrite.models.registry import register_kind
 
@@ -31,7 +44,17 @@ SEARCH_VECTOR_SQL = text(f"to_tsvector('{SEARCH_CONFIG}'::regconfig, query)")
 would cut the drain's ceiling as much; the query alone adds ~20 µs."""
 
 
-@register_kind("query")
+class QueryError(PoisonError, ValueError):
+    """A query record that can never be stored (dead-lettered with ``code``)."""
+
+
+def validate_query(payload: dict[str, Any]) -> None:
+    """A query needs its text unless it was recorded without bodies (``text_stored`` false)."""
+    if payload.get("query") is None and payload.get("text_stored") is not False:
+        raise QueryError("missing_field", "query: required (or record it with store_text=False)")
+
+
+@register_kind("query", validate=validate_query)
 class QueryHistory(Base):
     __tablename__ = "query_history"
     __table_args__ = (
@@ -57,7 +80,9 @@ class QueryHistory(Base):
     user_id: Mapped[str | None] = mapped_column(String(256))
     session_id: Mapped[str | None] = mapped_column(String(256))
     """Session or conversation id."""
-    query: Mapped[str] = mapped_column(Text)
+    query: Mapped[str | None] = mapped_column(Text)
+    """The user's query; NULL when the record was stored without bodies (``store_text=False``,
+    ``AFTERWRITE_NO_TEXT_MODES`` / ``_MODELS``)."""
     mode: Mapped[str | None] = mapped_column(String(64))
     """Request mode: e.g. ``chat``, ``rag``, ``agent``, ``compare``."""
     model_ids: Mapped[list[str]] = mapped_column(
@@ -71,6 +96,12 @@ class QueryHistory(Base):
     """Retrieval metadata, e.g. ``{"chunks": [...], "top_k": 5}``."""
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
     """Free metadata. (``metadata`` is reserved by SQLAlchemy, hence the attribute name.)"""
+    text_stored: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    """False: recorded without bodies (``store_text=False`` or ``AFTERWRITE_NO_TEXT_MODES`` /
+    ``_MODELS``); ``query`` and ``response`` are NULL, here and in dead letters."""
+    redacted_by: Mapped[list[str] | None] = mapped_column(JSONB, info={"items": "str"})
+    """The redactors that ran on this record (``["card", "email", …]``), by the producer or the
+    worker (``AFTERWRITE_REDACT``); NULL when none did."""
     ingested_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), info={"server_owned": True}
     )

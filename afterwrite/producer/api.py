@@ -18,12 +18,33 @@ from afterwrite.producer.records import query_job, query_record
 
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings
+    from afterwrite.producer.redact import ProducerRedaction
 
 R = TypeVar("R")
 
 
 class RecordMethods(ABC, Generic[R]):
     _settings: Settings
+    _redact: ProducerRedaction | None = None
+    """Set by a client when ``AFTERWRITE_PRODUCER_REDACT`` is on (see producer.redact)."""
+
+    def _init_redaction(self) -> None:
+        from afterwrite.producer import redact
+
+        self._redact = redact.for_settings(self._settings)
+
+    def _redacted(self, kind: str, record: Any) -> Any:
+        redact = self._redact
+        if redact is not None and kind in redact:
+            try:
+                return redact(kind, record)
+            except Exception as exc:
+                # never sent raw: the worker dead-letters the stand-in, with no content
+                return _Unredactable(type(exc).__name__)
+        return record
+
+    def _hand(self, kind: str, event_id: str, record: Any) -> R:
+        return self._record(kind, event_id, self._redacted(kind, record))
 
     @abstractmethod
     def _record(self, kind: str, event_id: str, record: Any) -> R:
@@ -47,6 +68,7 @@ class RecordMethods(ABC, Generic[R]):
         created_at: datetime | None = None,
         event_id: str | None = None,
         embed: bool = False,
+        store_text: bool = True,
     ) -> R:
         """Record one LLM request (kind ``query``). The result is (or resolves to) a Receipt:
         the event id string, with ``.outcome``. Never raises for Redis trouble.
@@ -54,11 +76,16 @@ class RecordMethods(ABC, Generic[R]):
         ``embed=True`` also sends the query's text as an embedding job of the ``queries``
         collection (doc id: the event id), for ``History.similar``: a second stream entry,
         so about twice the cost of the call. ``AFTERWRITE_EMBED_QUERIES=true`` on the workers
-        does it for every query instead, off the hot path."""
+        does it for every query instead, off the hot path.
+
+        ``store_text=False``: the query and response bodies are left out here, before Redis
+        (and ``embed`` sends no job);
+        the row keeps the metadata (models, tokens, latency, user, session) with ``query``
+        and ``response`` NULL and ``text_stored`` false."""
         record = query_record(
-            query,
+            query if store_text else None,
             event_id=event_id,
-            response=response,
+            response=response if store_text else None,
             user_id=user_id,
             session_id=session_id,
             mode=mode,
@@ -69,11 +96,20 @@ class RecordMethods(ABC, Generic[R]):
             retrieval=retrieval,
             metadata=metadata,
             created_at=created_at,
+            text_stored=None if store_text else False,
         )
-        if embed and isinstance(query, str) and query.strip():
+        if embed and store_text and isinstance(query, str) and query.strip():
             job = query_job(record.id, record.created_at, query, user_id, session_id, mode)
-            return self._record_pair("query", record.id, record, "embed", job)
-        return self._record("query", record.id, record)
+            return self._record_pair(
+                "query",
+                record.id,
+                self._redacted("query", record),
+                "embed",
+                self._redacted("embed", job),
+            )
+        if self._redact is None:  # the usual case: no extra call on the hot path
+            return self._record("query", record.id, record)
+        return self._hand("query", record.id, record)
 
     def _record_pair(self, kind: str, event_id: str, record: Any, kind2: str, record2: Any) -> R:
         """Hand over ``record``, then ``record2`` (its own id inside); the result is the
@@ -93,7 +129,7 @@ class RecordMethods(ABC, Generic[R]):
             kinds.require(kind)
         record = dict(payload)
         event_id = record.setdefault("id", uuid7_str())
-        return self._record(kind, str(event_id), record)
+        return self._hand(kind, str(event_id), record)
 
     def record_metric(
         self,
@@ -113,7 +149,7 @@ class RecordMethods(ABC, Generic[R]):
         }
         if tags:
             record["tags"] = dict(tags)
-        return self._record("metric", record["id"], record)
+        return self._hand("metric", record["id"], record)
 
     def embed(
         self,
@@ -144,7 +180,7 @@ class RecordMethods(ABC, Generic[R]):
         }
         if metadata is not None:
             record["metadata"] = dict(metadata)
-        return self._record("embed", record["id"], record)
+        return self._hand("embed", record["id"], record)
 
     def delete_embedding(self, collection: str, doc_id: str) -> R:
         """Remove document ``doc_id`` from ``collection``: it leaves search results at once
@@ -159,3 +195,15 @@ class RecordMethods(ABC, Generic[R]):
             "op": "delete",
         }
         return self._record("embed", record["id"], record)
+
+
+class _Unredactable:
+    """Stands in for a record a producer-side redactor failed on: the wire encoder refuses it,
+    so the client sends the unencodable stand-in (dead-lettered by the worker) holding only
+    this text, never the record."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"<record withheld: the producer's redactor raised {self.error}>"

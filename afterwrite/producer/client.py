@@ -61,6 +61,7 @@ class Client(RecordMethods[Receipt]):
     def __init__(self, connection: redis.Redis, settings: Settings) -> None:
         self._redis = connection
         self._settings = settings
+        self._init_redaction()
         self._prefix = settings.stream_prefix
         self._gate = Gate(
             max_entries=settings.stream_max_entries,

@@ -178,7 +178,7 @@ class QueryRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     id: str
     created_at: datetime
-    query: str
+    query: str | None = None
     response: str | None = None
     user_id: str | None = None
     session_id: str | None = None
@@ -189,6 +189,10 @@ class QueryRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     completion_tokens: int | None = None
     retrieval: Mapping[str, Any] | None = None
     metadata: Mapping[str, Any] | None = None
+    text_stored: bool | None = None
+    """False: recorded with ``store_text=False`` (no ``query`` or ``response``)."""
+    redacted_by: list[str] | None = None
+    """Set by producer-side redaction (``AFTERWRITE_PRODUCER_REDACT``)."""
 
 
 def _ids(model_ids: Any) -> list[str]:
@@ -203,7 +207,7 @@ def _ids(model_ids: Any) -> list[str]:
 
 
 def query_record(
-    query: str,
+    query: str | None,
     *,
     event_id: str | None = None,
     response: str | None = None,
@@ -217,6 +221,7 @@ def query_record(
     retrieval: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
+    text_stored: bool | None = None,
 ) -> QueryRecord:
     """The ``query`` kind's payload, with a new id and the current time unless given."""
     return QueryRecord(
@@ -233,6 +238,7 @@ def query_record(
         completion_tokens=completion_tokens,
         retrieval=retrieval,
         metadata=metadata,
+        text_stored=text_stored,
     )
 
 

@@ -29,6 +29,7 @@ from afterwrite.worker import shutdown
 from afterwrite.worker.beat import NAME as BEAT_SCHEDULER
 from afterwrite.worker.broker import NAME as BROKER_TRANSPORT
 from afterwrite.worker.embedding.stage import embed_time_limit_s
+from afterwrite.worker.ingest import privacy
 from afterwrite.worker.operations.retention import retention_days
 from afterwrite.worker.runtime import RuntimeHolder
 
@@ -54,6 +55,7 @@ def check_kind_settings(settings: Settings) -> None:
             raise SettingsError(
                 f"AFTERWRITE_RETENTION_DAYS: kind {kind.name!r} has no created_at column"
             )
+    privacy.check(settings)  # AFTERWRITE_REDACT names real fields; the hook imports
 
 
 def _periodic(

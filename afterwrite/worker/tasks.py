@@ -34,6 +34,7 @@ from afterwrite.worker.app import (
 from afterwrite.worker.embedding.stage import embed_time_limit_s
 from afterwrite.worker.errors import Failure, classify
 from afterwrite.worker.operations.retention import run_retention
+from afterwrite.worker.operations.store_retention import run_store_retention
 from afterwrite.worker.runtime import Runtime, consumer_name
 
 log = logging.getLogger("afterwrite.tasks")
@@ -191,7 +192,8 @@ def retention() -> dict[str, Any]:
     def work(rt: Runtime) -> dict[str, Any]:
         with psycopg.connect(rt.settings.require_database_url(), autocommit=True) as conn:
             reports = run_retention(conn, list(kinds), rt.settings)
-        return {"kinds": [r.as_dict() for r in reports]}
+            stores = run_store_retention(conn, rt.settings, rt.redis)
+        return {"kinds": [r.as_dict() for r in reports], "stores": [r.as_dict() for r in stores]}
 
     return _guarded("*", "retention", work)
 

@@ -22,6 +22,8 @@ ARGUMENT_FOR = {"id": "event_id"}
 
 NOT_COLUMNS = {"embed"}
 """``record_query`` arguments that ask for something besides the row (an embedding job)."""
+SET_BY_AFTERWRITE = {"redacted_by"}
+"""Columns producer-side redaction fills in, not an argument."""
 
 
 def _columns() -> set[str]:
@@ -43,9 +45,12 @@ def test_the_producer_struct_carries_every_client_column_and_nothing_else() -> N
 
 
 def test_record_query_takes_every_client_column_and_nothing_else() -> None:
-    wanted = {ARGUMENT_FOR.get(c, c) for c in _columns() - SERVER_OWNED}
-    assert _arguments(RecordMethods.record_query) == wanted | NOT_COLUMNS
+    wanted = {ARGUMENT_FOR.get(c, c) for c in _columns() - SERVER_OWNED - SET_BY_AFTERWRITE}
     assert _arguments(query_record) == wanted
+    # record_query(store_text=False) is how a caller says text_stored = false
+    assert _arguments(RecordMethods.record_query) == (wanted - {"text_stored"}) | {
+        "store_text"
+    } | NOT_COLUMNS
 
 
 def test_server_owned_columns_have_a_server_default() -> None:

@@ -75,7 +75,6 @@ def test_uuid_forms() -> None:
     [
         ([1, 2], "not_a_map"),
         ({"created_at": NOW, "query": "x"}, "missing_field"),
-        (good(query=None), "missing_field"),
         (good(colour="red"), "unknown_field"),
         (good(id="not-a-uuid"), "bad_uuid"),
         (good(created_at="yesterday"), "bad_timestamp"),
@@ -101,6 +100,15 @@ def test_bad_payloads_are_invalid_with_a_code(payload: Any, code: str) -> None:
     with pytest.raises(Invalid) as info:
         codec.row(payload)
     assert info.value.code == code
+
+
+def test_a_query_needs_its_text_unless_recorded_without_bodies() -> None:
+    from afterwrite.models.query_history import QueryError, validate_query
+
+    with pytest.raises(QueryError) as info:
+        validate_query(good(query=None))
+    assert info.value.code == "missing_field"
+    validate_query(good(query=None, text_stored=False))  # store_text=False: accepted
 
 
 def test_error_detail_names_the_field() -> None:

@@ -21,11 +21,12 @@ from typing import Any
 
 import msgspec
 
-from afterwrite.core import wire
+from afterwrite.core import erasure, wire
 from afterwrite.core.settings import Settings
 from afterwrite.models.registry import Kind
 from afterwrite.worker.embedding.queries import for_drain as query_jobs_for_drain
 from afterwrite.worker.errors import BadDeployError, is_explained
+from afterwrite.worker.ingest import privacy
 from afterwrite.worker.ingest.batch_writer import Rejection, Row, write_batch
 from afterwrite.worker.ingest.database import Database
 from afterwrite.worker.ingest.dead_letters import DeadEntry
@@ -117,6 +118,10 @@ class KindDrain:
         self._id_index = self.codec.columns.index("id")
         # After each commit, before the acknowledgement: past questions to embed, or None.
         self._query_jobs = query_jobs_for_drain(kind, settings, stream.conn, self.codec.columns)
+        self.privacy = privacy.for_kind(kind, settings)
+        """Redaction and bodies left out (None: nothing to do for this kind)."""
+        # users erased (afterwrite erase): loaded with each read; entries acknowledged unstored
+        stream.watch_tombstones(erasure.tombstone_key(settings.stream_prefix))
         self._clock = clock
         self._wall = wall_clock
         self._stopping = stopping
@@ -175,9 +180,12 @@ class KindDrain:
         row_entries: list[Entry] = []
         dead: list[DeadEntry] = []
         seen: dict[str, bytes | None] = {}
-        duplicates = 0
+        duplicates = erased = 0
         for entry in entries:
             row = self._row(entry)
+            if row is None:
+                erased += 1
+                continue
             if isinstance(row, DeadEntry):
                 dead.append(row)
                 continue
@@ -225,6 +233,13 @@ class KindDrain:
             self._query_jobs.enqueue(rows)
         # Committed: only now may the entries leave the stream.
         self.stream.ack([e.id for e in entries])
+        if erased:
+            log.info(
+                "%d %s entries of erased users acknowledged without being stored",
+                erased,
+                self.kind.name,
+                extra={"action": "erased_entries", "kind": self.kind.name, "entries": erased},
+            )
         stored = len(rows) - len(result.rejected)
         report = BatchReport(
             kind=self.kind.name,
@@ -249,9 +264,10 @@ class KindDrain:
         )
         return report
 
-    def _row(self, entry: Entry) -> tuple[Any, ...] | DeadEntry:
-        """The entry's row (values in ``codec.columns`` order, validated), or its dead letter.
-        Never raises for content.
+    def _row(self, entry: Entry) -> tuple[Any, ...] | DeadEntry | None:
+        """The entry's row (values in ``codec.columns`` order, validated), its dead letter, or
+        None when it names an erased user (acknowledged with the batch, never stored). Never
+        raises for content.
 
         Where a record becomes a row. A per-row transform (redaction, handing a column's text
         to another stage) takes these values where :meth:`_process` adds them to the batch,
@@ -260,16 +276,24 @@ class KindDrain:
         Most entries take the typed fast path (one msgspec decode with the table's constraints
         checked in C, :mod:`.typed`); any entry it does not accept takes :meth:`_checked`,
         RowCodec's path, which names what is wrong or builds the row from the other forms it
-        accepts. Both give the same row for the same entry.
+        accepts. Both give the same row for the same entry. Redaction and erasure tombstones
+        need the decoded record: while either applies, every entry takes :meth:`_checked`.
         """
         fast = None
-        if entry.payload is not None and entry.deliveries <= self._max_deliveries:
+        if (
+            entry.payload is not None
+            and entry.deliveries <= self._max_deliveries
+            and self.privacy is None
+            and not self.stream.tombstones
+        ):
             fast = self.typed.row(entry.payload)
             if fast is not None and self.kind.validate is None:
                 return fast
         return self._checked(entry, fast)
 
-    def _checked(self, entry: Entry, fast: tuple[Any, ...] | None) -> tuple[Any, ...] | DeadEntry:
+    def _checked(
+        self, entry: Entry, fast: tuple[Any, ...] | None
+    ) -> tuple[Any, ...] | DeadEntry | None:
         """RowCodec's path: every rule, with its dead-letter code; ``fast`` is the typed path's
         row when it had one (then only the kind's validator is left to run)."""
         payload: Any = None
@@ -288,13 +312,19 @@ class KindDrain:
                 raise Invalid(
                     "unencodable", f"the producer could not encode it: {stand_in['reason']}"
                 )
+            if privacy.erased(payload, entry.id, self.stream.tombstones):
+                return None
             if entry.deliveries > self.settings.max_deliveries:
                 raise Invalid(
                     "too_many_deliveries",
                     f"delivered {entry.deliveries} times without being stored "
                     f"(limit {self.settings.max_deliveries}); it may crash its consumer",
                 )
-            row = self.codec.row(payload) if fast is None else fast
+            if self.privacy is not None:
+                payload = self.privacy.apply(payload)
+                row = self.codec.row(payload)
+            else:
+                row = self.codec.row(payload) if fast is None else fast
             if self.kind.validate is not None:
                 self._run_validator(payload)
         except Invalid as exc:
@@ -437,7 +467,7 @@ class KindDrain:
     def _dead(
         self, entry: Entry, payload: Any, code: str, detail: str, *, reason: str
     ) -> DeadEntry:
-        return DeadEntry(
+        dead = DeadEntry(
             kind=self.kind.name,
             entry_id=entry.id,
             payload_raw=entry.payload or b"",
@@ -447,6 +477,7 @@ class KindDrain:
             detail=detail,
             deliveries=entry.deliveries,
         )
+        return dead if self.privacy is None else self.privacy.dead_letter(dead)
 
     def _lag_s(self, entries: Sequence[Entry]) -> float | None:
         if not entries:

@@ -89,6 +89,20 @@ class Stream:
         # dict per entry, a fifth of the drain's own CPU per row before this.
         self._reader = redis.Redis(connection_pool=conn.connection_pool)
         self._reader.set_response_callback("XREADGROUP", _as_is)
+        self.tombstone_key: str | None = None
+        """Set (:meth:`watch_tombstones`): each read also loads this hash, atomically with
+        the read of new entries, into :attr:`tombstones`."""
+        self.tombstones: dict[str, int] = {}
+
+    def watch_tombstones(self, key: str) -> None:
+        """Load the erasure tombstones (``key``, a hash of user hash → epoch ms) with every
+        read: no extra round trip, and a batch read after an erasure always sees it."""
+        self.tombstone_key = key
+
+    def _keep_tombstones(self, raw: Any) -> None:
+        self.tombstones = {
+            (k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()
+        }
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing. Idempotent.
@@ -127,9 +141,19 @@ class Stream:
     def _read(self, count: int, *, own_pending: bool) -> list[Entry]:
         if own_pending:
             return self._own_pending(count)
-        reply: Any = self._reader.xreadgroup(
-            self.group, self.consumer, {self.key: ">"}, count=count
-        )
+        if self.tombstone_key is None:
+            reply: Any = self._reader.xreadgroup(
+                self.group, self.consumer, {self.key: ">"}, count=count
+            )
+        else:
+            # MULTI/EXEC: no erasure can fall between the tombstones read and the entries
+            pipe = self._reader.pipeline(transaction=True)
+            pipe.hgetall(self.tombstone_key)
+            pipe.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=count)
+            tombstones, reply = pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception):
+                raise reply
+            self._keep_tombstones(tombstones)
         if not reply:
             return []
         if isinstance(reply, dict):  # RESP3: {stream: [entries]}
@@ -151,10 +175,14 @@ class Stream:
             return []
         ids = [r["message_id"] for r in rows]
         pipe = self.conn.pipeline(transaction=False)
+        if self.tombstone_key is not None:
+            pipe.hgetall(self.tombstone_key)
         pipe.xclaim(self.key, self.group, self.consumer, 0, ids, justid=True)
         for eid in ids:
             pipe.xrange(self.key, eid, eid)
         replies = pipe.execute()
+        if self.tombstone_key is not None:
+            self._keep_tombstones(replies.pop(0))
         raw = [found[0] for found in replies[1:] if found]
         deliveries = {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
         return _entries(raw, deliveries)
@@ -220,9 +248,15 @@ class Stream:
         another consumer claimed meanwhile (no longer idle) are not returned."""
         if not pending:
             return []
-        raw = self.conn.xclaim(
-            self.key, self.group, self.consumer, min_idle_ms, [p.id for p in pending]
-        )
+        ids: list[str | bytes | int | memoryview[int]] = [p.id for p in pending]
+        if self.tombstone_key is None:
+            raw: Any = self.conn.xclaim(self.key, self.group, self.consumer, min_idle_ms, ids)
+        else:
+            pipe = self.conn.pipeline(transaction=True)
+            pipe.hgetall(self.tombstone_key)
+            pipe.xclaim(self.key, self.group, self.consumer, min_idle_ms, ids)
+            tombstones, raw = pipe.execute()
+            self._keep_tombstones(tombstones)
         return _entries(raw, {p.id: p.deliveries + 1 for p in pending})
 
     def hand_back(self, idle_ms: int) -> int:
