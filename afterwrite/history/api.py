@@ -30,9 +30,6 @@ P = TypeVar("P", Pool, AsyncPool)
 
 CONVERSATION_LIMIT = 500
 """Records per page of ``conversation`` unless told otherwise."""
-SIMILAR_CANDIDATES_PER_HIT = 20
-"""With ``user_id``, ``similar`` asks the index for this many candidates per wanted hit and keeps
-that user's: the nearest questions of a user who asked little may be fewer than ``k``."""
 
 
 class _Similar:
@@ -58,8 +55,9 @@ class _Similar:
                     QUERIES_COLLECTION, self._index_dir, settings=self._settings
                 )
             reader = self._reader
-        wanted = k if user_id is None else k * SIMILAR_CANDIDATES_PER_HIT
-        return reader.search(text, k=wanted)
+        # With a user: the index's metadata filter, so the k are that user's true nearest.
+        where = None if user_id is None else {"user_id": user_id}
+        return [(hit.doc_id, hit.score) for hit in reader.search(text, k=k, where=where)]
 
     @staticmethod
     def plan(candidates: list[tuple[str, float]], user_id: str | None) -> queries.Plan:

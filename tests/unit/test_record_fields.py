@@ -48,9 +48,10 @@ def test_record_query_takes_every_client_column_and_nothing_else() -> None:
     wanted = {ARGUMENT_FOR.get(c, c) for c in _columns() - SERVER_OWNED - SET_BY_AFTERWRITE}
     assert _arguments(query_record) == wanted
     # record_query(store_text=False) is how a caller says text_stored = false
-    assert _arguments(RecordMethods.record_query) == (wanted - {"text_stored"}) | {
-        "store_text"
-    } | NOT_COLUMNS
+    assert (
+        _arguments(RecordMethods.record_query)
+        == (wanted - {"text_stored"}) | {"store_text"} | NOT_COLUMNS
+    )
 
 
 def test_server_owned_columns_have_a_server_default() -> None:
