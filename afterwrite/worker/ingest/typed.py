@@ -27,6 +27,7 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy import Column, Table, types
 
+from afterwrite.models.base import writable_columns
 from afterwrite.worker.ingest import rows
 
 _FLOAT_MAX = sys.float_info.max
@@ -58,7 +59,8 @@ class TypedCodec:
     def __init__(self, table: Table, *, max_future_skew_s: float = 86_400.0) -> None:
         fields: list[tuple[str, Any, Any]] = []
         checks: list[tuple[int, Check]] = []
-        for i, column in enumerate(table.columns):
+        columns = writable_columns(table)  # as RowCodec: never the ones PostgreSQL generates
+        for i, column in enumerate(columns):
             typ, check = _column(column, max_future_skew_s)
             required = not column.nullable and column.server_default is None
             if required:
@@ -70,13 +72,13 @@ class TypedCodec:
         struct = msgspec.defstruct(
             f"_{table.name}_payload",
             fields,
-            rename={f"f{i}": str(c.name) for i, c in enumerate(table.columns)},
+            rename={f"f{i}": str(c.name) for i, c in enumerate(columns)},
             forbid_unknown_fields=True,
             kw_only=True,
         )
         self._decode = msgspec.msgpack.Decoder(struct).decode
         self._checks = tuple(checks)
-        self.columns: tuple[str, ...] = tuple(c.name for c in table.columns)
+        self.columns: tuple[str, ...] = tuple(c.name for c in columns)
 
     def row(self, payload: bytes) -> tuple[Any, ...] | None:
         """The row for ``payload`` (column order), or None when RowCodec must judge it."""
