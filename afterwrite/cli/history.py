@@ -58,7 +58,7 @@ def _table(title: str, records: list[StoredQuery], scores: list[float] | None = 
             safe(r.session_id or "-"),
             safe(r.mode or "-"),
             safe(", ".join(r.model_ids) or "-"),
-            safe(" ".join(r.query.split())),
+            safe(" ".join(r.query.split()) if r.query is not None else "(not stored)"),
             safe(" ".join((r.response or "-").split())),
             "-" if r.response_time_ms is None else f"{r.response_time_ms:,.0f}",
             r.id,

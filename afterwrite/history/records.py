@@ -17,7 +17,8 @@ class StoredQuery:
     created_at: datetime
     user_id: str | None
     session_id: str | None
-    query: str
+    query: str | None
+    """None when the record was stored without bodies (``text_stored`` false)."""
     mode: str | None
     model_ids: list[str]
     response: str | None
@@ -26,6 +27,10 @@ class StoredQuery:
     completion_tokens: int | None
     retrieval: dict[str, Any] | None
     metadata: dict[str, Any] | None
+    text_stored: bool
+    """False: recorded without bodies (``store_text=False``); ``query`` and ``response`` None."""
+    redacted_by: list[str] | None
+    """The redactors that ran on this record (``AFTERWRITE_REDACT``), None when none did."""
     ingested_at: datetime
     """When afterwrite committed the row."""
 
