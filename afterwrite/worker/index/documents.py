@@ -17,9 +17,7 @@ import numpy.typing as npt
 import psycopg
 
 from afterwrite.vectorindex.documents import DocumentsBuilder, delta_documents
-from afterwrite.worker.index.source import SourceError
-
-_LIVE = "collection = %s AND NOT deleted AND model = %s AND dim = %s AND octet_length(vector) = %s"
+from afterwrite.worker.index.source import LIVE_WHERE, SourceError, live_params
 
 
 def read_documents(
@@ -43,8 +41,8 @@ def read_documents(
     csv.field_size_limit(max(csv.field_size_limit(), text_max_bytes + (1 << 20)))
     with conn.cursor().copy(
         f"COPY (SELECT id, left(text, {int(text_max_bytes)}), metadata::text"
-        f" FROM embeddings WHERE {_LIVE}) TO STDOUT (FORMAT CSV)",
-        (collection, model, dim, dim * 4),
+        f" FROM embeddings WHERE {LIVE_WHERE}) TO STDOUT (FORMAT CSV)",
+        live_params(collection, model, dim),
     ) as copy:
         # libpq hands out exactly one COPY row per piece
         lines = (bytes(chunk).decode() for chunk in copy)

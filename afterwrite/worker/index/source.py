@@ -206,6 +206,17 @@ class BinaryRowParser:
         return self.ids[: self.count], self.vectors[: self.count]
 
 
+LIVE_WHERE = (
+    "collection = %s AND NOT deleted AND model = %s AND dim = %s AND octet_length(vector) = %s"
+)
+"""The rows a version is built from (bound with :func:`live_params`): what
+:func:`read_vectors` and the documents read beside it both select."""
+
+
+def live_params(collection: str, model: str, dim: int) -> tuple[str, str, int, int]:
+    return (collection, model, dim, dim * 4)
+
+
 def read_vectors(
     conn: psycopg.Connection[Any],
     collection: str,
@@ -216,10 +227,7 @@ def read_vectors(
 ) -> Vectors:
     """The collection's live vectors of ``model``, sorted by id. Call inside one REPEATABLE
     READ transaction: the doc ids and the vectors then describe the same rows."""
-    where = (
-        "collection = %s AND NOT deleted AND model = %s AND dim = %s AND octet_length(vector) = %s"
-    )
-    params = (collection, model, dim, dim * 4)
+    where, params = LIVE_WHERE, live_params(collection, model, dim)
     cur = conn.cursor()
     # The doc ids first, in id order: their count sizes the vector arrays exactly (no separate
     # count(*) scan), and they line up with the sorted vectors without a million-entry dict.
