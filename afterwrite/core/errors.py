@@ -29,6 +29,11 @@ class SettingsError(ConfigurationError, ValueError):
     not load pydantic to start."""
 
 
+SCHEMA_MISSING = "the database has no afterwrite schema (or an old one): run `afterwrite migrate`"
+"""What every command, ``health`` and the history reads say, in one line, when the tables they
+need are not there (a :class:`ConfigurationError`)."""
+
+
 class TransientError(Error):
     """A service is unavailable or overloaded for now: retry later, with backoff."""
 
@@ -46,4 +51,11 @@ class PoisonError(Error):
         self.detail = detail or code
 
 
-__all__ = ["ConfigurationError", "Error", "PoisonError", "SettingsError", "TransientError"]
+__all__ = [
+    "SCHEMA_MISSING",
+    "ConfigurationError",
+    "Error",
+    "PoisonError",
+    "SettingsError",
+    "TransientError",
+]

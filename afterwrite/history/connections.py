@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 
-from afterwrite.core.errors import ConfigurationError, TransientError
+from afterwrite.core.errors import SCHEMA_MISSING, ConfigurationError, TransientError
 
 APPLICATION_NAME = "afterwrite-history"
 
@@ -36,8 +36,7 @@ def _mapped_errors() -> Iterator[None]:
         yield
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
         raise HistorySchemaMissing(
-            f"the database has no afterwrite schema (or an old one): run `afterwrite migrate` "
-            f"({str(exc).strip().splitlines()[0]})"
+            f"{SCHEMA_MISSING} ({str(exc).strip().splitlines()[0]})"
         ) from exc
     except psycopg.OperationalError as exc:
         raise HistoryUnavailable(f"PostgreSQL unavailable: {str(exc).strip()[:300]}") from exc

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_MISSING = "the database has no afterwrite schema (or an old one): run `afterwrite migrate`"
-"""What every command and ``health`` say, in one line, when the tables they need are not there."""
+from afterwrite.core.errors import SCHEMA_MISSING
+
+__all__ = ["SCHEMA_MISSING", "missing_tables"]
 
 
 def missing_tables(conn: Any) -> list[str]:
