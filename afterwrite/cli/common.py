@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from afterwrite.core.errors import ConfigurationError, SettingsError
+from afterwrite.core.errors import ConfigurationError, SettingsError, TransientError
 from afterwrite.worker.operations.schema import SCHEMA_MISSING, missing_tables
 
 if TYPE_CHECKING:  # pydantic loads only when a command reads its settings: --help stays quick
@@ -166,6 +166,8 @@ def unreachable_service(exc: BaseException) -> str | None:
     import psycopg
     import redis
 
+    if isinstance(exc, TransientError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # afterwrite's meaning of it (HistoryUnavailable): say what failed
     if isinstance(exc, psycopg.OperationalError) and "connection" in str(exc).lower():
         said = " ".join(str(exc).split())
         return f"cannot use PostgreSQL (AFTERWRITE_DATABASE_URL): {said}"

@@ -23,20 +23,16 @@ T = TypeVar("T")
 
 
 def _read(read: Callable[[History], T]) -> T:
-    """``read(history)`` with the configured database; a bad argument or an unreachable
-    database ends the command with its message."""
-    from afterwrite.core.errors import SettingsError
-    from afterwrite.history import History, HistoryUnavailable
+    """``read(history)`` with the configured database; a bad argument ends the command with
+    its message (settings, schema and an unreachable database: as for every command, in
+    :class:`afterwrite.cli.common.Group`)."""
+    from afterwrite.history import History
 
     settings = cli_settings()
     try:
         with History.from_env(settings) as history:
             return read(history)
-    except SettingsError as exc:
-        fail(str(exc))
-    except HistoryUnavailable as exc:
-        fail(str(exc), code=1)
-    except ValueError as exc:  # InvalidCursor included
+    except ValueError as exc:  # InvalidCursor and SettingsError included
         fail(str(exc))
 
 
