@@ -25,7 +25,7 @@ from afterwrite.models.registry import kinds
 from afterwrite.worker.ingest.batch_writer import write_batch
 from afterwrite.worker.ingest.database import Database
 from afterwrite.worker.ingest.rows import RowCodec
-from afterwrite.worker.ingest.sql import kind_sql
+from afterwrite.worker.ingest.sql import derived_columns, kind_sql
 from benchmarks import celery_baseline as bench_baseline
 from benchmarks.context import (
     KIND,
@@ -106,7 +106,8 @@ def _us_per_row(cpu_s: float | None, rows: int) -> float | None:
 def measure_ceiling(b: Bench, backlog: Backlog) -> dict[str, Any]:
     kind = kinds.get(KIND)
     codec = RowCodec(kind.table)
-    q = kind_sql(kind.table, codec.columns)
+    # as the drain under the bench's settings (AFTERWRITE_SEARCH_RESPONSES included)
+    q = kind_sql(kind.table, codec.columns, derived=derived_columns(kind.table, b.settings))
     n = b.settings.batch_max_entries
     count = len(backlog.payloads)
     with progress_bar(b.console) as progress:

@@ -1,7 +1,8 @@
 """``afterwrite history``: a user's records, one conversation, or full-text search
-(afterwrite.History) as a table or JSON.
+(afterwrite.History) as a table or JSON; ``history index-responses`` indexes the responses of
+rows stored before ``AFTERWRITE_SEARCH_RESPONSES`` was turned on.
 
-Read-only. Registered on the main group by afterwrite.cli.main.
+Read-only but for that one command. Registered on the main group by afterwrite.cli.main.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.table import Table
 
-from afterwrite.cli.common import cli_settings, cli_time, console, fail, printable_json, safe
+from afterwrite.cli.common import (
+    EXIT_SETUP,
+    cli_settings,
+    cli_time,
+    console,
+    db,
+    fail,
+    is_schema_error,
+    printable_json,
+    safe,
+)
 
 if TYPE_CHECKING:
     from afterwrite.history import History, Hit, StoredQuery
@@ -135,11 +146,63 @@ def history_cmd(
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def history_search(text: str, user_id: str | None, limit: int, as_json: bool) -> None:
-    """Full-text search over the stored queries, best match first (web-search syntax:
-    words, "a phrase", or, -word)."""
+    """Full-text search over the stored queries (and responses, where
+    AFTERWRITE_SEARCH_RESPONSES indexed them), best match first (web-search syntax: words,
+    "a phrase", or, -word)."""
     hits: list[Hit] = _read(lambda h: h.search_text(text, user_id=user_id, limit=limit))
     if as_json:
         _echo_json({"hits": [{"score": h.score, **h.record.as_dict()} for h in hits]})
         return
     title = f"{text!r}" + ("" if user_id is None else f", user {user_id}")
     console.print(_table(title, [h.record for h in hits], [h.score for h in hits]))
+
+
+@history_cmd.command("index-responses")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 100_000),
+    default=5000,
+    show_default=True,
+    help="Rows per transaction.",
+)
+def history_index_responses(batch: int) -> None:
+    """Index the words of responses stored before AFTERWRITE_SEARCH_RESPONSES was on, so
+    `history search` finds them. Safe beside running workers; run again after an
+    interruption, it skips what is done."""
+    import time
+
+    import psycopg
+
+    from afterwrite.models.registry import kinds
+    from afterwrite.worker.ingest.sql import derived_columns
+    from afterwrite.worker.operations.derived import FillReport, fill_derived
+
+    settings = cli_settings()
+    table = kinds.get("query").table
+    if "response_search_vector" not in derived_columns(table, settings):
+        click.echo(
+            "afterwrite: note: AFTERWRITE_SEARCH_RESPONSES is off here; set it on the workers "
+            "too, or responses stored from now on stay unindexed",
+            err=True,
+        )
+    shown = [0.0]
+
+    def progress(r: FillReport) -> None:
+        if time.monotonic() - shown[0] >= 1.0:
+            shown[0] = time.monotonic()
+            click.echo(
+                f"walked {r.scanned:,} of ~{r.estimate:,} rows, indexed {r.filled:,}", err=True
+            )
+
+    try:
+        with db(settings) as conn:
+            report = fill_derived(
+                conn, table, "response_search_vector", batch=batch, progress=progress
+            )
+    except psycopg.Error as exc:
+        if is_schema_error(exc):
+            from afterwrite.core.errors import SCHEMA_MISSING
+
+            fail(SCHEMA_MISSING, EXIT_SETUP)
+        raise
+    click.echo(f"indexed the responses of {report.filled:,} rows (walked {report.scanned:,})")

@@ -193,6 +193,7 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
     import psycopg
 
     from afterwrite.models.registry import UnknownKindError, kinds
+    from afterwrite.worker.ingest.sql import derived_columns
     from afterwrite.worker.operations.transfer import ImportReport, TransferError, import_rows
 
     settings = cli_settings()
@@ -237,6 +238,7 @@ def import_cmd(file: Path, kind: str, batch_size: int, no_guard: bool, as_json: 
                 guard_ratio=None if no_guard else settings.dlq_guard_ratio,
                 guard_min_lines=settings.dlq_guard_min_entries,
                 max_line_bytes=settings.import_max_line_bytes,
+                derived=derived_columns(k.table, settings),
             )
         except (TransferError, psycopg.Error, OSError) as exc:
             if is_schema_error(exc):

@@ -304,6 +304,12 @@ class Settings(BaseSettings):
     job of the ``queries`` collection (doc id: the event id), so ``History.similar`` can find
     earlier questions like a new one. Read by workers; ``record_query(..., embed=True)`` asks
     for it per record instead."""
+    search_responses: bool = False
+    """The drain of the ``query`` kind also indexes each response's words for
+    ``History.search_text`` (queries' words always are). Off by default: parsing a ~1,300
+    character answer costs PostgreSQL ~300 µs of CPU per row, several times the rest of the
+    insert. Read by workers (and ``afterwrite import``); ``afterwrite history index-responses``
+    indexes the rows stored before it was turned on."""
 
     # --- indexes ----------------------------------------------------------------------------
     index_dir: Path | None = None

@@ -154,8 +154,10 @@ class History(_Reads[Pool]):
         return items[0] if items else None
 
     def search_text(self, text: str, *, user_id: str | None = None, limit: int = 20) -> list[Hit]:
-        """Full-text search over the queries (English stemming; web-search syntax:
-        words, ``"a phrase"``, ``or``, ``-word``), best match first."""
+        """Full-text search over the queries, and over the responses stored while
+        ``AFTERWRITE_SEARCH_RESPONSES`` was on (English stemming; web-search syntax: words,
+        ``"a phrase"``, ``or``, ``-word``), best match first; a query's words rank above a
+        response's."""
         plan = queries.search_text(text, user_id=user_id, limit=limit)
         return plan.hits(self._pool.fetch(plan.sql, plan.params))
 

@@ -3,7 +3,8 @@
 Each read is one statement served by an index of ``query_history`` (a test checks the plans on a
 million rows): a user's pages by ``(user_id, created_at)``, a session by ``(session_id,
 created_at, id)``, a mode by ``(mode, created_at)``, a model by the GIN index on ``model_ids``,
-everything else by ``created_at``, full text by the GIN index on ``search_vector``. Pages are
+everything else by ``created_at``, full text by the GIN indexes on ``search_vector`` and
+``response_search_vector``. Pages are
 keyset-paginated on ``(created_at, id)``: the condition is written as ``created_at <= key AND
 (created_at < key OR id < key_id)`` so its first half is an index bound.
 """
@@ -133,22 +134,32 @@ def get(event_id: str) -> Plan | None:
     return Plan(f"SELECT {_SELECT} FROM query_history WHERE id = %(id)s", {"id": key}, 1)
 
 
+RESPONSE_WEIGHT = 0.5
+"""A response's matching words count half as much as the query's in the rank."""
+
+
 def search_text(text: str, *, user_id: str | None, limit: int) -> Plan:
-    """Records whose query matches ``text`` (web-search syntax: words, "a phrase",
-    ``or``, ``-word``), best ``ts_rank_cd`` first, newest first among equals."""
+    """Records whose query, or indexed response (``AFTERWRITE_SEARCH_RESPONSES``), matches
+    ``text`` (web-search syntax: words, "a phrase", ``or``, ``-word``), best ``ts_rank_cd``
+    first (a response's words weigh ``RESPONSE_WEIGHT``), newest first among equals."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, not {text!r}")
     params: dict[str, Any] = {"text": text, "limit": _limit(limit)}
-    where = "search_vector @@ q"
+    # Two GIN indexes, OR-ed by a BitmapOr; the responses' index holds only indexed rows.
+    where = "(search_vector @@ q OR response_search_vector @@ q)"
     if user_id is not None:
         where += " AND user_id = %(user_id)s"
         params["user_id"] = user_id
+    score = (
+        "ts_rank_cd(search_vector, q) + "
+        f"{RESPONSE_WEIGHT} * COALESCE(ts_rank_cd(response_search_vector, q), 0)"
+    )
     # Rank narrow rows (id, time, score), then read the whole records of the top ones only:
     # sorting every match with its full text cost ~4x more on a million rows.
     order = "score DESC, created_at DESC, id DESC"
     sql = (
         "WITH top AS MATERIALIZED ("
-        "SELECT id, created_at, ts_rank_cd(search_vector, q) AS score "
+        f"SELECT id, created_at, {score} AS score "
         f"FROM query_history, websearch_to_tsquery('{SEARCH_CONFIG}', %(text)s) AS q "
         f"WHERE {where} ORDER BY {order} LIMIT %(limit)s) "
         f"SELECT {_SELECT_H}, top.score FROM top JOIN query_history h USING (id) "

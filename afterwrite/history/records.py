@@ -9,8 +9,8 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class StoredQuery:
-    """One ``query_history`` row with every field a record carries (all but the generated
-    ``search_vector``), as ``record_query`` sent it plus ``ingested_at``."""
+    """One ``query_history`` row with every field a record carries (all but the search
+    vectors derived from it), as ``record_query`` sent it plus ``ingested_at``."""
 
     id: str
     """The event id ``record_query`` returned (a UUIDv7 string)."""

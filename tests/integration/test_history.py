@@ -314,6 +314,49 @@ def test_search_text_ranks_matching_questions(settings: Settings, history: Histo
     }
 
 
+def test_search_responses_setting_indexes_answers_and_the_command_fills_older_rows(
+    settings: Settings, history: History, cli_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = store(
+        settings,
+        [
+            {"query": "hello", "response": "Reset your password in settings."},
+            {"query": "private", "response": "Reset it.", "store_text": False},
+        ],
+    )
+    assert history.search_text("settings") == []  # answers were not indexed then
+    on = settings.model_copy(update={"search_responses": True})
+    question, answer, bare = store(
+        on,
+        [
+            {"query": "Which settings page?", "response": "The first one."},
+            {"query": "where now", "response": "Open the settings page, then settings again."},
+            {"query": "settings without an answer"},
+        ],
+    )
+    hits = history.search_text("settings page")
+    # a query's words rank above a response's, however often the response says them
+    assert [h.record.id for h in hits] == [question, answer]
+    assert {h.record.id for h in history.search_text("settings")} == {question, answer, bare}
+
+    monkeypatch.setenv("AFTERWRITE_SEARCH_RESPONSES", "true")
+    filled = CliRunner().invoke(history_cmd, ["index-responses", "--batch", "2"])
+    assert filled.exit_code == 0, (filled.output, filled.exception)
+    assert "indexed the responses of 1 rows (walked 5)" in filled.output
+    assert {h.record.id for h in history.search_text("settings")} == {
+        before[0],
+        question,
+        answer,
+        bare,
+    }
+    again = CliRunner().invoke(history_cmd, ["index-responses"])
+    assert "indexed the responses of 0 rows" in again.output  # done work is skipped
+    monkeypatch.delenv("AFTERWRITE_SEARCH_RESPONSES")
+    off = CliRunner().invoke(history_cmd, ["index-responses"])
+    assert off.exit_code == 0
+    assert "AFTERWRITE_SEARCH_RESPONSES is off" in off.output
+
+
 def test_async_history_reads_the_same(settings: Settings, history: History) -> None:
     calls = [
         {"query": f"q{i}", "user_id": "u", "session_id": "s", "created_at": T0} for i in range(5)
@@ -455,7 +498,8 @@ PLAN_ROWS = 1_000_000
 vector."""
 
 _FILL = """
-INSERT INTO query_history (id, created_at, user_id, session_id, query, response, mode, model_ids)
+INSERT INTO query_history (id, created_at, user_id, session_id, query, response, mode, model_ids,
+                           response_search_vector)
 SELECT gen_random_uuid(),
        %(end)s - (%(rows)s - g) * interval '7776 milliseconds',
        'user-' || floor(random() ^ 2 * 5000)::int,
@@ -465,7 +509,9 @@ SELECT gen_random_uuid(),
        CASE WHEN m < 0.60 THEN 'chat' WHEN m < 0.85 THEN 'rag' WHEN m < 0.96 THEN 'agent'
             ELSE 'compare' END,
        CASE WHEN r < 0.50 THEN '["gpt-4o"]'::jsonb WHEN r < 0.80 THEN '["claude-3-5-sonnet"]'
-            WHEN r < 0.99 THEN '["llama-3.1-70b"]' ELSE '["command-r"]' END
+            WHEN r < 0.99 THEN '["llama-3.1-70b"]' ELSE '["command-r"]' END,
+       -- responses indexed for the newer half (AFTERWRITE_SEARCH_RESPONSES turned on midway)
+       CASE WHEN g > %(rows)s / 2 THEN to_tsvector('english', 'answer a' || (g %% 1000)) END
 FROM (SELECT g, random() AS m, random() AS r FROM generate_series(1, %(rows)s) AS g) AS s
 """
 
@@ -512,6 +558,10 @@ def _plans(key: tuple[datetime, str]) -> dict[str, tuple[Any, set[str]]]:
             queries.search_text("w4242", user_id=None, limit=20),
             {"ix_query_history_search_vector"},
         ),
+        "full text, a word of responses": (
+            queries.search_text("a977", user_id=None, limit=20),
+            {"ix_query_history_response_search_vector"},
+        ),
         "full text, one user": (
             queries.search_text("invoice", user_id="user-42", limit=20),
             by_user | {"ix_query_history_search_vector"},
@@ -547,3 +597,6 @@ def test_slow_every_history_read_uses_an_index_on_a_million_rows(
         scans = _scans(explain[0][0]["Plan"])
         assert not [s for s in scans if s[0] == "Seq Scan"], (name, scans)
         assert allowed & {s[1] for s in scans}, (name, scans)
+        if name.startswith("full text") and "user" not in name:  # queries OR responses
+            both = {"ix_query_history_search_vector", "ix_query_history_response_search_vector"}
+            assert both <= {s[1] for s in scans}, (name, scans)

@@ -31,7 +31,7 @@ from afterwrite.worker.ingest.batch_writer import Rejection, Row, write_batch
 from afterwrite.worker.ingest.database import Database
 from afterwrite.worker.ingest.dead_letters import DeadEntry
 from afterwrite.worker.ingest.rows import Invalid, RowCodec
-from afterwrite.worker.ingest.sql import KindSql, kind_sql
+from afterwrite.worker.ingest.sql import KindSql, derived_columns, kind_sql
 from afterwrite.worker.ingest.streams import Entry, Stream
 from afterwrite.worker.ingest.typed import TypedCodec
 
@@ -114,7 +114,9 @@ class KindDrain:
         self.codec = RowCodec(kind.table, max_future_skew_s=settings.max_future_skew_s)
         self.typed = TypedCodec(kind.table, max_future_skew_s=settings.max_future_skew_s)
         self._max_deliveries = settings.max_deliveries
-        self.sql: KindSql = kind_sql(kind.table, self.codec.columns)
+        self.sql: KindSql = kind_sql(
+            kind.table, self.codec.columns, derived=derived_columns(kind.table, settings)
+        )
         self._id_index = self.codec.columns.index("id")
         # After each commit, before the acknowledgement: past questions to embed, or None.
         self._query_jobs = query_jobs_for_drain(kind, settings, stream.conn, self.codec.columns)

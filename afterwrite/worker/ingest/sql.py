@@ -12,6 +12,8 @@ from sqlalchemy import Column, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import TextClause
 
+from afterwrite.core.settings import Settings
+from afterwrite.models.base import derived_sql
 from afterwrite.models.registry import InsertHook, kinds
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
@@ -48,10 +50,21 @@ def _insert_hook(table: Table) -> InsertHook | None:
     return next((k.insert_sql for k in kinds if k.table is table), None)
 
 
-def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
-    """The statements for ``table``. When the table's kind has an ``insert_sql`` hook, it
-    rewrites the default insert, keeping its contract: rowcount = rows newly stored, and
-    idempotent."""
+def derived_columns(table: Table, settings: Settings) -> tuple[str, ...]:
+    """The columns of ``table`` the insert computes under ``settings`` (see
+    :func:`afterwrite.models.base.derived_sql`): those whose setting is true."""
+    return tuple(
+        c.name
+        for c in table.columns
+        if (d := derived_sql(c)) is not None and bool(getattr(settings, d[1]))
+    )
+
+
+def kind_sql(table: Table, columns: tuple[str, ...], *, derived: tuple[str, ...] = ()) -> KindSql:
+    """The statements for ``table``. ``derived`` columns (:func:`derived_columns`) are
+    computed by the insert from the staged row. When the table's kind has an ``insert_sql``
+    hook, it rewrites the default insert, keeping its contract: rowcount = rows newly stored,
+    and idempotent."""
     target = sql.Identifier(table.name)
     staging = sql.Identifier(f"_afterwrite_stage_{table.name}")
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
@@ -64,6 +77,12 @@ def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
             selected.append(ident)
         else:
             selected.append(sql.SQL("COALESCE({}, {})").format(ident, default))
+    for name in derived:
+        found = derived_sql(table.c[name])
+        if found is None:
+            raise ValueError(f"{table.name}.{name} is not a derived column")
+        selected.append(sql.SQL(found[0]))  # from the model's own source, not input
+    inserted = sql.SQL(", ").join(sql.Identifier(c) for c in (*columns, *derived))
     # Conflicts on the primary key: (id), or (id, created_at) for a table partitioned by time.
     key = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.primary_key.columns)
     insert = sql.SQL(
@@ -71,7 +90,7 @@ def kind_sql(table: Table, columns: tuple[str, ...]) -> KindSql:
         "ON CONFLICT ({key}) DO NOTHING"
     ).format(
         target=target,
-        cols=cols,
+        cols=inserted,
         selected=sql.SQL(", ").join(selected),
         staging=staging,
         key=key,

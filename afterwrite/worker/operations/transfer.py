@@ -462,6 +462,7 @@ def import_rows(
     guard_ratio: float | None = 0.9,
     guard_min_lines: int = 100,
     max_line_bytes: int = MAX_LINE_BYTES,
+    derived: tuple[str, ...] = (),
 ) -> ImportReport:
     """Store JSON Lines (an export's, or any in its format) as rows of ``kind``; idempotent.
 
@@ -474,13 +475,14 @@ def import_rows(
     committing anything (``guard_ratio=None`` turns this off). ``progress(report)`` is called
     after each commit. A line longer than ``max_line_bytes`` (without its newline) is
     dead-lettered as ``line_too_long``; read the file with :func:`read_lines` so such a line
-    is never held whole. Raises UnknownKindError, TransferError, psycopg.Error (transient: the
-    batches committed so far stay).
+    is never held whole. ``derived`` columns are computed as the drain computes them
+    (``derived_columns(table, settings)``). Raises UnknownKindError, TransferError,
+    psycopg.Error (transient: the batches committed so far stay).
     """
     _require_idle(conn, "import_rows commits every batch")
     k = _resolve(kind)
     codec = LineCodec(k)
-    q = kind_sql(k.table, codec.codec.columns)
+    q = kind_sql(k.table, codec.codec.columns, derived=derived)
     with conn.transaction():
         conn.execute(q.create_staging)
     report = ImportReport(k.name)
