@@ -78,7 +78,9 @@ class AsyncClient(RecordMethods[Coroutine[Any, Any, Receipt]]):
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> AsyncClient:
         settings = settings or load_settings()
-        conn = aioredis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+        conn = aioredis.Redis.from_url(
+            settings.require_redis_url(), **redis_options(settings, asyncio=True)
+        )
         return cls(conn, settings)
 
     async def flush(self, timeout_s: float = 5.0) -> bool:

@@ -43,13 +43,18 @@ _buffered = RECEIPT_TYPES[Outcome.BUFFERED]
 _JOIN_MARGIN_S = 1.0
 
 
-def redis_options(settings: Settings) -> dict[str, Any]:
-    """Connection options for a producer: strict timeouts, no silent retries."""
+def redis_options(settings: Settings, *, asyncio: bool = False) -> dict[str, Any]:
+    """Connection options for a producer: strict timeouts, no silent retries. ``asyncio``:
+    for a ``redis.asyncio`` client, which needs its own Retry class (redis-py 8.2 warns, and
+    converts, when given the synchronous one)."""
     timeout_s = settings.producer_timeout_ms / 1000
+    retry: Any = Retry
+    if asyncio:
+        from redis.asyncio.retry import Retry as retry  # only async clients load asyncio
     return {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": retry(NoBackoff(), 0),
         "retry_on_timeout": False,
         "health_check_interval": 0,
     }

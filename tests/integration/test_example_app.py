@@ -47,7 +47,9 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
 
 
 def _async_client(settings: Settings) -> AsyncClient:
-    conn = aioredis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+    conn = aioredis.Redis.from_url(
+        settings.require_redis_url(), **redis_options(settings, asyncio=True)
+    )
     return AsyncClient(conn, settings)
 
 

@@ -163,7 +163,7 @@ def test_async_client_spills_and_replays_after_an_outage(
     s = outage_settings(settings, private_redis, tmp_path)
 
     async def scenario() -> tuple[list[Receipt], float, dict[str, int]]:
-        conn = aioredis.Redis.from_url(s.require_redis_url(), **redis_options(s))
+        conn = aioredis.Redis.from_url(s.require_redis_url(), **redis_options(s, asyncio=True))
         async with AsyncClient(conn, s) as client:
             receipts = [await client.record_query(f"before {i}") for i in range(100)]
             private_redis.stop_redis()

@@ -179,7 +179,7 @@ def _dropping_client(settings: Settings) -> AsyncClient:
     gone = load_settings(
         {}, redis_url="redis://127.0.0.1:1/0", spill_max_bytes=0, data_dir=settings.data_dir
     )
-    conn = aioredis.Redis.from_url(gone.require_redis_url(), **redis_options(gone))
+    conn = aioredis.Redis.from_url(gone.require_redis_url(), **redis_options(gone, asyncio=True))
     return AsyncClient(conn, gone)
 
 
@@ -196,7 +196,9 @@ def test_the_example_app_serves_producer_metrics_behind_basic_auth(settings: Set
     )
 
     async def scenario() -> dict[str, httpx.Response]:
-        conn = aioredis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+        conn = aioredis.Redis.from_url(
+            settings.require_redis_url(), **redis_options(settings, asyncio=True)
+        )
         client = AsyncClient(conn, settings)
         no_creds = create_app(client, latency_ms=0, settings=_metrics_settings())
         app = create_app(client, latency_ms=0, settings=creds)
