@@ -190,9 +190,8 @@ def history_index_responses(batch: int) -> None:
     def progress(r: FillReport) -> None:
         if time.monotonic() - shown[0] >= 1.0:
             shown[0] = time.monotonic()
-            click.echo(
-                f"walked {r.scanned:,} of ~{r.estimate:,} rows, indexed {r.filled:,}", err=True
-            )
+            total = f" of ~{r.estimate:,}" if r.estimate > r.scanned else ""
+            click.echo(f"walked {r.scanned:,}{total} rows, indexed {r.filled:,}", err=True)
 
     try:
         with db(settings) as conn:
