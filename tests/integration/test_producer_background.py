@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -16,6 +18,7 @@ from afterwrite.core.settings import Settings
 from afterwrite.demo import traffic
 from afterwrite.producer import Client, Outcome
 from afterwrite.worker.runtime import Runtime
+from tests.faults import TcpProxy
 from tests.helpers import wait_for
 
 STREAM = "afterwrite:stream:query"
@@ -79,27 +82,40 @@ def test_flush_waits_for_batches_a_long_interval_would_hold_back(
 def test_a_full_buffer_spills_at_once_instead_of_waiting(
     settings: Settings, rdb: redis.Redis, tmp_path: Path
 ) -> None:
-    s = settings.model_copy(
-        update={
-            "producer_mode": "background",
-            "spill_dir": tmp_path,
-            "producer_buffer_max_entries": 100,
-            "producer_flush_max_entries": 100,
-            "producer_flush_interval_ms": 60_000.0,
-            "spill_replay_interval_s": 0.1,
-        }
-    )
-    with Client.from_env(s) as client:
-        receipts = [client.record_query(f"q{i}") for i in range(300)]
-        # The first 100 fill the buffer (a full batch: sent at once, but not yet settled when
-        # the next calls come); later ones are spilled by the caller itself rather than wait.
-        assert receipts[0].outcome is Outcome.BUFFERED
-        assert Outcome.SPILLED in {r.outcome for r in receipts}
-        assert client.flush(5)
-        wait_for(lambda: rdb.xlen(STREAM) == 300, what="all 300 in the stream")
-        snap = client.stats.snapshot()
-        assert snap["buffer_full"] == snap["spilled"] == snap["replayed"]
-        assert snap["sent"] + snap["spilled"] == 300
+    db = urlsplit(settings.require_redis_url()).path or "/0"
+    port = rdb.connection_pool.connection_kwargs["port"]
+    with TcpProxy(port) as proxy:
+        s = settings.model_copy(
+            update={
+                "redis_url": proxy.url(path=db),
+                "producer_mode": "background",
+                "spill_dir": tmp_path,
+                "producer_buffer_max_entries": 100,
+                "producer_flush_max_entries": 100,
+                "producer_flush_interval_ms": 60_000.0,
+                "producer_timeout_ms": 30_000.0,  # the held batch waits; nothing times out
+                "spill_replay_interval_s": 0.1,
+            }
+        )
+        with Client.from_env(s) as client:
+            # Redis answers nothing: the first full batch is sent and stays in flight, so the
+            # buffer stays full and every later call spills by itself rather than wait.
+            proxy.hold()
+            started = time.monotonic()
+            receipts = [client.record_query(f"q{i}") for i in range(300)]
+            assert time.monotonic() - started < 10, "calls waited for the held batch"
+            assert receipts[0].outcome is Outcome.BUFFERED
+            assert receipts[-1].outcome is Outcome.SPILLED
+            proxy.release()
+            assert client.flush(20)
+            wait_for(lambda: rdb.xlen(STREAM) == 300, what="all 300 in the stream")
+            wait_for(
+                lambda: client.stats.snapshot()["replayed"] == client.stats.snapshot()["spilled"],
+                what="every spilled record replayed",
+            )
+            snap = client.stats.snapshot()
+            assert snap["buffer_full"] == snap["spilled"] == snap["replayed"] > 0
+            assert snap["sent"] + snap["spilled"] == 300
 
 
 def test_records_buffered_at_exit_are_flushed_by_the_atexit_hook(
