@@ -115,7 +115,9 @@ def test_429s_and_5xx_are_survived_with_every_vector_stored_once(
     assert statuses.count(429) == 2
     assert statuses.count(503) == 2
     ok_inputs = [t for r in fake_openai.requests if r.status == 200 for t in r.inputs]
-    assert sorted(ok_inputs) == sorted(f"text {i}" for i in range(3_000))
+    # every text answered; a request the client gave up on (a slow machine) may be sent again,
+    # so the promise checked is the stored rows': each vector once
+    assert set(ok_inputs) == {f"text {i}" for i in range(3_000)}
     assert pg.execute("SELECT count(*), count(DISTINCT doc_id) FROM embeddings").fetchone() == (
         3_000,
         3_000,
