@@ -31,8 +31,10 @@ from benchmarks import celery_baseline as bench_baseline
 
 BENCH_DATABASE = "afterwrite_bench"
 BENCH_STREAM_PREFIX = "afterwrite-bench"
-BENCH_BROKER_DB = 14
-"""Redis database (on the configured server) used as the Celery broker of the bench processes."""
+BENCH_BROKER_DB = int(os.environ.get("AFTERWRITE_BENCH_BROKER_DB", "1"))
+"""Redis database (on the configured server) used as the Celery broker of the bench processes:
+1 unless ``AFTERWRITE_BENCH_BROKER_DB`` says otherwise. Not 2–15, which test runs use (and
+flush) for their own data."""
 KIND = "query"
 CONCURRENCY = 2
 

@@ -76,6 +76,8 @@ class Stack:
         values = {
             "database_url": self.database_url,
             "redis_url": self.redis_url,
+            # indexes and journals under the stack's directory, never the checkout's .afterwrite
+            "data_dir": str(self.data_dir / "afterwrite-data"),
             **FAST_SETTINGS,
             **overrides,
         }
@@ -87,6 +89,7 @@ class Stack:
             "database_url": self.database_url,
             "redis_url": self.redis_url,
             "spill_dir": self.spill_dir or self.data_dir / "spill",
+            "data_dir": self.data_dir / "afterwrite-data",
             **FAST_SETTINGS,
             **overrides,
         }
