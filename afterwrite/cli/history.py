@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from afterwrite.cli.common import (
     EXIT_SETUP,
@@ -47,7 +49,30 @@ def _read(read: Callable[[History], T]) -> T:
         fail(str(exc))
 
 
-def _table(title: str, records: list[StoredQuery], scores: list[float] | None = None) -> Table:
+NARROW = 120
+"""Below this terminal width records print as short blocks, not a table: rich squeezes ten
+columns into 80 by collapsing some to nothing. ``--json`` has every field."""
+
+
+def _cells(r: StoredQuery) -> dict[str, str]:
+    return {
+        "created (UTC)": r.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+        "user": safe(r.user_id or "-"),
+        "session": safe(r.session_id or "-"),
+        "mode": safe(r.mode or "-"),
+        "models": safe(", ".join(r.model_ids) or "-"),
+        "query": safe(" ".join(r.query.split()) if r.query is not None else "(not stored)"),
+        "response": safe(" ".join((r.response or "-").split())),
+        "ms": "-" if r.response_time_ms is None else f"{r.response_time_ms:,.0f}",
+        "id": r.id,
+    }
+
+
+def _table(
+    title: str, records: list[StoredQuery], scores: list[float] | None = None
+) -> Table | Group:
+    if console.width < NARROW:
+        return _blocks(title, records, scores)
     table = Table(title=safe(title))
     if scores is not None:
         table.add_column("score", justify="right")
@@ -58,20 +83,28 @@ def _table(title: str, records: list[StoredQuery], scores: list[float] | None = 
     table.add_column("ms", justify="right")
     table.add_column("id", no_wrap=True)
     for i, r in enumerate(records):
-        cells = [] if scores is None else [f"{scores[i]:.3f}"]
-        cells += [
-            r.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-            safe(r.user_id or "-"),
-            safe(r.session_id or "-"),
-            safe(r.mode or "-"),
-            safe(", ".join(r.model_ids) or "-"),
-            safe(" ".join(r.query.split()) if r.query is not None else "(not stored)"),
-            safe(" ".join((r.response or "-").split())),
-            "-" if r.response_time_ms is None else f"{r.response_time_ms:,.0f}",
-            r.id,
-        ]
-        table.add_row(*cells)
+        score = [] if scores is None else [f"{scores[i]:.3f}"]
+        table.add_row(*score, *_cells(r).values())
     return table
+
+
+def _blocks(title: str, records: list[StoredQuery], scores: list[float] | None) -> Group:
+    """Each record as a head line (time, user, id, score) and its query and response, each
+    cut to one line of the terminal."""
+    width = max(console.width - 4, 20)
+    lines: list[Text] = [Text(safe(title), style="bold")]
+    if not records:
+        lines.append(Text("(no records)"))
+    for i, r in enumerate(records):
+        c = _cells(r)
+        head = f"{c['created (UTC)']}  user {c['user']}  {c['id']}"
+        if scores is not None:
+            head = f"{scores[i]:.3f}  {head}"
+        lines.append(Text(head, style="bold", overflow="ellipsis", no_wrap=True))
+        for label in ("query", "response"):
+            text = c[label] if len(c[label]) <= width - 4 else c[label][: width - 5] + "…"
+            lines.append(Text(f"  {label[0].upper()}: {text}", no_wrap=True))
+    return Group(*lines)
 
 
 def _echo_json(report: dict[str, Any]) -> None:

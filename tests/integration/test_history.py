@@ -489,6 +489,13 @@ def test_cli_search(settings: Settings, cli_env: None, monkeypatch: pytest.Monke
     table = CliRunner().invoke(history_cmd, ["search", "password"])
     assert table.exit_code == 0, (table.output, table.exception)
     assert "How do I reset my password?" in table.output
+    # an 80-column terminal gets a block per record, not a table squeezed past reading
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = CliRunner().invoke(history_cmd, ["search", "billing"])
+    assert narrow.exit_code == 0, (narrow.output, narrow.exception)
+    assert "  Q: Reset the billing cycle?\n  R: From the invoice page.\n" in narrow.output
+    assert ids[1] in narrow.output
+    assert "┃" not in narrow.output
 
 
 # --- plans on a large table (slow: ~1 min) ----------------------------------------------------
