@@ -126,7 +126,9 @@ async def _hot_path_async(
     stream = wire.stream_key(settings.stream_prefix, KIND)
     field_ = wire.PAYLOAD_FIELD
     client = AsyncClient.from_env(settings)
-    raw = aioredis.Redis.from_url(settings.require_redis_url(), **redis_options(settings))
+    raw = aioredis.Redis.from_url(
+        settings.require_redis_url(), **redis_options(settings, asyncio=True)
+    )
     timed_client: list[int] = []
     timed_raw: list[int] = []
     failed = 0

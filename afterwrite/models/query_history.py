@@ -59,7 +59,7 @@ def validate_query(payload: dict[str, Any]) -> None:
         raise QueryError("missing_field", "query: required (or record it with store_text=False)")
 
 
-@register_kind("query", validate=validate_query)
+@register_kind("query", validate=validate_query, validate_reads=("query", "text_stored"))
 class QueryHistory(Base):
     __tablename__ = "query_history"
     __table_args__ = (

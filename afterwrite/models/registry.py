@@ -55,6 +55,10 @@ class Kind:
     validate: Validator | None = None
     insert_sql: InsertHook | None = None
     """None: the default insert (see ``afterwrite.worker.ingest.sql.kind_sql``)."""
+    validate_reads: tuple[str, ...] = ()
+    """The scalar (not JSON) fields ``validate`` reads, if it declares them: the drain then
+    runs it on those values of a typed row, so the kind keeps the fast path (a validator
+    without them makes every record of the kind take the checked path)."""
 
     @property
     def table(self) -> Table:
@@ -102,8 +106,10 @@ def register_kind(
     retention_days: int | None = None,
     validate: Validator | None = None,
     insert_sql: InsertHook | None = None,
+    validate_reads: tuple[str, ...] = (),
 ) -> Callable[[M], M]:
-    """Class decorator: store records of kind ``name`` in this model's table."""
+    """Class decorator: store records of kind ``name`` in this model's table.
+    ``validate_reads``: see :attr:`Kind.validate_reads`."""
 
     def decorate(model: M) -> M:
         kinds.register(
@@ -113,6 +119,7 @@ def register_kind(
                 retention_days=retention_days,
                 validate=validate,
                 insert_sql=insert_sql,
+                validate_reads=validate_reads,
             )
         )
         return model

@@ -122,6 +122,12 @@ class KindDrain:
         self._query_jobs = query_jobs_for_drain(kind, settings, stream.conn, self.codec.columns)
         self.privacy = privacy.for_kind(kind, settings)
         """Redaction and bodies left out (None: nothing to do for this kind)."""
+        self._at = {name: i for i, name in enumerate(self.codec.columns)}
+        # Whether typed rows can be stored as they are, after a look at a few of their values
+        # (see _fast_ready); otherwise every entry takes the checked path.
+        reads = kind.validate_reads
+        validated = kind.validate is None or (bool(reads) and all(f in self._at for f in reads))
+        self._fast = validated and (self.privacy is None or not self.privacy.per_record)
         # users erased (afterwrite erase): loaded with each read; entries acknowledged unstored
         stream.watch_tombstones(erasure.tombstone_key(settings.stream_prefix))
         self._clock = clock
@@ -278,20 +284,35 @@ class KindDrain:
         Most entries take the typed fast path (one msgspec decode with the table's constraints
         checked in C, :mod:`.typed`); any entry it does not accept takes :meth:`_checked`,
         RowCodec's path, which names what is wrong or builds the row from the other forms it
-        accepts. Both give the same row for the same entry. Redaction and erasure tombstones
-        need the decoded record: while either applies, every entry takes :meth:`_checked`.
+        accepts. Both give the same row for the same entry. Redaction, bodies left out by mode
+        or model, erasure tombstones and validators that do not declare what they read need
+        the decoded record: while any applies, every entry takes :meth:`_checked`.
         """
         fast = None
         if (
-            entry.payload is not None
+            self._fast
+            and entry.payload is not None
             and entry.deliveries <= self._max_deliveries
-            and self.privacy is None
             and not self.stream.tombstones
         ):
             fast = self.typed.row(entry.payload)
-            if fast is not None and self.kind.validate is None:
+            if fast is not None and self._fast_ready(fast):
                 return fast
         return self._checked(entry, fast)
+
+    def _fast_ready(self, row: tuple[Any, ...]) -> bool:
+        """A typed row is stored as it is when the privacy policy keeps it unchanged and the
+        kind's validator (on the fields it reads) accepts it; else the checked path decides,
+        with the dead-letter code."""
+        at = self._at
+        if self.privacy is not None and not self.privacy.keeps(lambda name: row[at[name]]):
+            return False
+        if self.kind.validate is not None:
+            try:
+                self.kind.validate({f: row[at[f]] for f in self.kind.validate_reads})
+            except ValueError:
+                return False
+        return True
 
     def _checked(
         self, entry: Entry, fast: tuple[Any, ...] | None

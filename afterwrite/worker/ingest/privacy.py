@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any
 
@@ -85,6 +85,22 @@ class KindPrivacy:
         # Dead-letter details and unencodable stand-ins are free text: every redactor the
         # kind's rules name runs on them.
         self._text = redaction.builtin_redactor(names)
+
+    @property
+    def per_record(self) -> bool:
+        """Whether applying this policy needs the decoded record: a redactor, or bodies left
+        out by mode or model. When not, only a record's own ``text_stored`` flag matters,
+        which :meth:`keeps` checks on a typed row's values."""
+        return self.redactor is not None or bool(self._modes or self._models)
+
+    def keeps(self, field: Callable[[str], Any]) -> bool:
+        """True when :meth:`apply` would store the record unchanged, judged from its values
+        (``field(name)``); only meaningful when not :attr:`per_record`."""
+        if self.per_record:
+            return False
+        if not self._bodies or field(TEXT_STORED) is not False:
+            return True
+        return all(field(b) is None for b in BODIES)
 
     def apply(self, payload: Any) -> Any:
         """``payload`` as it may be stored: bodies left out when it says so (``text_stored``
