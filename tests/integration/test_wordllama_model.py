@@ -32,7 +32,9 @@ from afterwrite.embedders.wordllama_model import (
 )
 from afterwrite.producer import Client
 from afterwrite.producer.client import redis_options
+from afterwrite.readers.index_reader import IndexReader
 from afterwrite.worker.embedding.stage import EmbedStage
+from afterwrite.worker.index import jobs
 from afterwrite.worker.runtime import Runtime
 from benchmarks.offline_models import PARAPHRASES, paraphrase_scores
 from tests.helpers import in_forked_child
@@ -136,18 +138,22 @@ def test_a_forked_child_reads_its_own_copy(embedder: WordLlamaEmbedder) -> None:
 
 
 @pytest.fixture
-def runtime(settings: Settings) -> Iterator[Runtime]:
+def runtime(settings: Settings, tmp_path: Path) -> Iterator[Runtime]:
     rt = Runtime(
         settings.model_copy(
-            update={"embedding_provider": "local", "local_model": WORDLLAMA_MODEL_ID}
+            update={
+                "embedding_provider": "local",
+                "local_model": WORDLLAMA_MODEL_ID,
+                "index_dir": tmp_path / "indexes",
+            }
         )
     )
     yield rt
     rt.close()
 
 
-def test_documents_are_embedded_offline_into_postgresql(
-    runtime: Runtime, settings: Settings, pg: psycopg.Connection[Any]
+def test_documents_are_embedded_offline_into_postgresql_and_searched(
+    runtime: Runtime, settings: Settings, pg: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
     client = Client(
         redis.Redis.from_url(settings.require_redis_url(), **redis_options(settings)), settings
@@ -168,3 +174,12 @@ def test_documents_are_embedded_offline_into_postgresql(
     assert {r["dim"] for r in rows.values()} == {256}
     v = {d: np.frombuffer(r["vector"], dtype="<f4") for d, r in rows.items()}
     assert float(v["d1"] @ v["d2"]) > float(v["d1"] @ v["d3"])
+    # the index is built of 256-dimension vectors; a reader with the default model setting
+    # embeds the query with the model the index was built with
+    built = jobs.rebuild(runtime.settings, "docs")
+    assert (built["status"], built["model"], built["dim"]) == ("published", WORDLLAMA_MODEL_ID, 256)
+    reader = IndexReader(
+        "docs", settings=settings.model_copy(update={"index_dir": tmp_path / "indexes"})
+    )
+    hits = reader.search("I can't remember my password", k=3)
+    assert {h.doc_id for h in hits[:2]} == {"d1", "d2"}
