@@ -69,10 +69,9 @@ def _embeddings_table(f: dict[str, Any]) -> Table:
         r = f[name]
         t.add_row(name, f"{r['requests']:,}", f"{r['wall_s']:.1f} s", f"{r['texts_per_s']:,}")
     t.add_row("fewer requests", f"{f['request_reduction']:,}×", "", "")
-    local = f.get("local") or {}
-    if local:
+    for model, local in (f.get("local") or {}).items():
         t.add_row(
-            "offline model",
+            f"offline: {model}",
             "",
             f"load {local.get('load_s', 0):.2f} s",
             f"{local.get('texts_per_s', 0):,}",

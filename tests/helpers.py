@@ -55,3 +55,25 @@ CRASH_KIND_KILL_NOTE = "kill my consumer"
 CRASH_KIND_CREATE_SQL = (
     f"CREATE TABLE IF NOT EXISTS {CRASH_KIND_TABLE} (id uuid PRIMARY KEY, note text NOT NULL)"
 )
+
+
+def in_forked_child(work: Callable[[], bytes]) -> bytes:
+    """Run ``work`` in a forked child (as a Celery prefork worker would) and return the bytes
+    it produced; fails if the child fails. The child never returns into pytest."""
+    import os
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(write_fd, work())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
+    return data

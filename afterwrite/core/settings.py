@@ -24,6 +24,10 @@ from afterwrite.core.errors import SettingsError
 
 ENV_PREFIX = "AFTERWRITE_"
 
+LOCAL_MODELS = ("all-MiniLM-L6-v2-onnx-int8", "wordllama-l2-supercat-256")
+"""The offline models' ids (``AFTERWRITE_LOCAL_MODEL``), the default first: the ids stored with
+their vectors, so an index never mixes two of them."""
+
 # Variables that belong to the tooling around afterwrite rather than to the settings object.
 _NOT_SETTINGS = frozenset(
     {
@@ -264,9 +268,12 @@ class Settings(BaseSettings):
     embedding_provider: str = "auto"
     """``local`` (the bundled offline model), ``openai`` (OpenAI or any compatible endpoint at
     ``OPENAI_BASE_URL``), or ``auto``: ``openai`` when an API key is set, else ``local``."""
+    local_model: str = "all-MiniLM-L6-v2-onnx-int8"
+    """The offline model the ``local`` provider uses: ``all-MiniLM-L6-v2-onnx-int8`` (384
+    dimensions, the better retrieval) or ``wordllama-l2-supercat-256`` (256 dimensions, static
+    token vectors: hundreds of times faster, weaker on retrieval)."""
     embedding_model: str | None = None
-    """Model id; default ``text-embedding-3-small`` (openai) or ``all-MiniLM-L6-v2-onnx-int8``
-    (local)."""
+    """Model id; default ``text-embedding-3-small`` (openai) or ``local_model`` (local)."""
     embedding_dimensions: Annotated[int, Field(gt=0, le=65_536)] | None = None
     """OpenAI ``dimensions`` parameter (shortened vectors); unset: the model's own."""
     embedding_collection_models: dict[str, str] = Field(default_factory=dict)
@@ -388,6 +395,13 @@ class Settings(BaseSettings):
     def _check_provider(cls, v: str) -> str:
         if v not in {"auto", "local", "openai"}:
             raise ValueError("must be 'auto', 'local' or 'openai'")
+        return v
+
+    @field_validator("local_model")
+    @classmethod
+    def _check_local_model(cls, v: str) -> str:
+        if v not in LOCAL_MODELS:
+            raise ValueError(f"must be one of {', '.join(LOCAL_MODELS)}")
         return v
 
     @field_validator("embedding_overlong")
@@ -535,7 +549,7 @@ class Settings(BaseSettings):
             return self.embedding_model
         if self.resolved_embedding_provider == "openai":
             return "text-embedding-3-small"
-        return "all-MiniLM-L6-v2-onnx-int8"
+        return self.local_model
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

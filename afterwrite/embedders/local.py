@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -68,7 +68,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verified(path: Path, expected: str, what: str) -> Path:
+def verified(path: Path, expected: str, what: str) -> Path:
     try:
         actual = sha256_file(path)
     except OSError as exc:
@@ -103,7 +103,7 @@ class _Loaded:
         started = time.perf_counter()
         self.pid = os.getpid()
         self.tokenizer = Tokenizer.from_file(
-            str(_verified(tokenizer_path, TOKENIZER_SHA256, "tokenizer file"))
+            str(verified(tokenizer_path, TOKENIZER_SHA256, "tokenizer file"))
         )
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
@@ -116,7 +116,7 @@ class _Loaded:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        model = _verified(model_path, model_sha256, "embedding model file")
+        model = verified(model_path, model_sha256, "embedding model file")
         try:
             self.session = ort.InferenceSession(
                 str(model), options, providers=["CPUExecutionProvider"]
@@ -130,7 +130,42 @@ class _Loaded:
         self.load_s = time.perf_counter() - started
 
 
-class LocalEmbedder:
+class _OwnedByProcess(Protocol):
+    pid: int
+    """The process that loaded it."""
+    load_s: float
+
+
+L = TypeVar("L", bound=_OwnedByProcess)
+
+
+class LazyLoaded(Generic[L]):
+    """A model loaded on first use, once per process: a forked child (Celery prefork) loads its
+    own. The parent's copy is kept, never destroyed, in the child: destroying an onnxruntime
+    session joins thread-pool threads that do not exist after a fork, and hangs."""
+
+    def __init__(self) -> None:
+        self._loaded: L | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> float:
+        """Load and verify the model now (else on first use); returns the load time in s."""
+        return self._get().load_s
+
+    def _get(self) -> L:
+        with self._lock:
+            if self._loaded is not None and self._loaded.pid != os.getpid():
+                _INHERITED.append(self._loaded)
+                self._loaded = None
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def _load(self) -> L:
+        raise NotImplementedError
+
+
+class LocalEmbedder(LazyLoaded[_Loaded]):
     """:class:`~afterwrite.embedders.providers.Embedder` for the bundled offline model.
 
     Thread-safe (one forward pass at a time per instance); blocking; loads on first use.
@@ -145,33 +180,13 @@ class LocalEmbedder:
         model_sha256: str | None = None,
         tokenizer_path: Path | None = None,
     ) -> None:
+        super().__init__()
         self.model = LOCAL_MODEL_ID
-        self.limits = Limits(
-            max_inputs=settings.embedding_max_inputs,
-            max_input_tokens=min(settings.embedding_max_input_tokens, MAX_WORD_PIECES),
-            max_request_tokens=settings.embedding_max_request_tokens,
-        )
+        self.limits = Limits.of(settings, MAX_WORD_PIECES)
         self.overlong = settings.embedding_overlong
         self._model_path = model_path
         self._model_sha256 = model_sha256
         self._tokenizer_path = tokenizer_path or TOKENIZER_PATH
-        self._loaded: _Loaded | None = None
-        self._lock = threading.Lock()
-
-    def load(self) -> float:
-        """Load and verify the model now (else on first use); returns the load time in s."""
-        return self._get().load_s
-
-    def _get(self) -> _Loaded:
-        with self._lock:
-            if self._loaded is not None and self._loaded.pid != os.getpid():
-                # never destroyed here: that joins thread-pool threads that do not exist in
-                # a forked child, and hangs
-                _INHERITED.append(self._loaded)
-                self._loaded = None
-            if self._loaded is None:
-                self._loaded = self._load()
-            return self._loaded
 
     def _load(self) -> _Loaded:
         path, sha = self._model_path, self._model_sha256

@@ -222,11 +222,7 @@ class OpenAIEmbedder:
         rand: random.Random | None = None,
     ) -> None:
         self.model = model
-        self.limits = Limits(
-            max_inputs=settings.embedding_max_inputs,
-            max_input_tokens=settings.embedding_max_input_tokens,
-            max_request_tokens=settings.embedding_max_request_tokens,
-        )
+        self.limits = Limits.of(settings)
         self.overlong = settings.embedding_overlong
         self.concurrency = AimdLimit(settings.embedding_concurrency)
         self._settings = settings

