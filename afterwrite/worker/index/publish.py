@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faiss
 import numpy as np
@@ -54,19 +54,15 @@ def write_version(
 ) -> tuple[str, str, str, int]:
     """Write the index file, the doc map and the documents of ``version``; return their
     sha256 and the index file's size. Does not publish."""
-    blob = faiss.serialize_index(index)
-    sha = files.write_atomic(
-        directory / files.index_file(version),
-        [memoryview(cast(Any, blob))],
-        total=blob.nbytes,
-        progress=progress,
+    sha, size = files.write_index_atomic(
+        directory / files.index_file(version), index, progress=progress
     )
     docs_sha = files.write_atomic(
         directory / files.docs_file(version),
         files.encode_docs(ids, doc_ids, model=model, dim=int(index.d)),
     )
     meta_sha = files.write_atomic(directory / files.meta_file(version), documents.encode())
-    return sha, docs_sha, meta_sha, int(blob.nbytes)
+    return sha, docs_sha, meta_sha, size
 
 
 def publish_manifest(directory: Path, manifest: dict[str, Any]) -> None:
