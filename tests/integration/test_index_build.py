@@ -16,7 +16,14 @@ from afterwrite.readers.index_reader import IndexReader
 from afterwrite.vectorindex import files
 from afterwrite.worker.index import jobs, source
 from afterwrite.worker.index.lock import BUILD, LockBusy, collection_lock
-from tests.index_helpers import add, clustered_vectors, index_settings, random_unit, upsert
+from tests.index_helpers import (
+    add,
+    clustered_vectors,
+    index_settings,
+    random_unit,
+    tombstone,
+    upsert,
+)
 
 DIM = 32
 
@@ -286,3 +293,40 @@ def test_a_reused_quantizer_that_fits_badly_is_retrained() -> None:
     assert "below" in str(jobs._reuse_rejected(built(0.85, 8), current, 0.9))
     assert "nprobe 32" in str(jobs._reuse_rejected(built(0.97, 32), current, 0.9))
     assert jobs._reuse_rejected(built(0.97, 32), {}, 0.9) is None
+
+
+def test_rows_committed_between_the_documents_and_the_vectors_are_in_neither(
+    endpoints: Endpoints,
+    pg: psycopg.Connection[Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = index_settings(endpoints, tmp_path)
+    model = settings.collection_model("docs")
+    x = random_unit(300, DIM, seed=15)
+    doc_ids = add(pg, "docs", x[:200], model=model)
+    read_vectors = source.read_vectors
+    moved = random_unit(1, DIM, seed=16)[0]
+
+    def commit_more_first(*args: Any, **kwargs: Any) -> source.Vectors:
+        # another writer commits after the documents were read, before the vectors are
+        add(pg, "docs", x[200:], model=model, start=200)
+        upsert(pg, "docs", doc_ids[0], moved, model=model)
+        tombstone(pg, "docs", doc_ids[1])
+        return read_vectors(*args, **kwargs)
+
+    monkeypatch.setattr(source, "read_vectors", commit_more_first)
+    report = jobs.rebuild(settings, "docs")
+    assert report["status"] == "published", report
+    # the version holds the snapshot's rows: documents, doc ids and vectors alike
+    assert report["vector_count"] == 200
+    manifest = files.read_manifest(tmp_path / "docs")
+    assert manifest is not None
+    loaded = files.load_version(tmp_path / "docs", manifest, collection="docs")
+    assert loaded.documents is not None
+    assert loaded.documents.count == len(loaded.docs.ids) == loaded.index.ntotal == 200
+    # and what committed meanwhile is served from the version's delta: nothing is lost
+    reader = IndexReader("docs", tmp_path)
+    assert reader.search(moved, 1)[0].doc_id == doc_ids[0]
+    assert reader.search(x[220], 1)[0].doc_id == "d000000220"
+    assert doc_ids[1] not in {d for d, _ in reader.search(x[1], 10)}
