@@ -44,6 +44,8 @@ class Built:
     train_s: float = 0.0
     add_s: float = 0.0
     tune_s: float = 0.0
+    reused_quantizer: bool = False
+    """The IVF coarse quantizer was the ``centroids`` given, not trained here."""
 
 
 def make_index(factory: str, dim: int) -> faiss.Index:
@@ -137,11 +139,18 @@ def build_index(
     recall_target: float = TUNE_RECALL_TARGET,
     progress: BuildProgress | None = None,
     seed: int = 0,
+    centroids: npt.NDArray[np.float32] | None = None,
 ) -> Built:
-    """Train, add and tune the index ``choice`` names over ``vectors`` (unit, float32)."""
+    """Train, add and tune the index ``choice`` names over ``vectors`` (unit, float32).
+
+    ``centroids``: a coarse quantizer to use instead of training one (an earlier version's,
+    see :func:`afterwrite.vectorindex.files.quantizer_centroids`); taken only by an
+    ``IVF…,Flat`` index with that many lists of that dimension (its only trained part),
+    otherwise ignored. The recall measured afterwards is of the index as built either way."""
     n, dim = vectors.shape
     index = make_index(choice.factory, dim)
     t0 = time.perf_counter()
+    reused = centroids is not None and _reuse_quantizer(index, centroids)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         ivf = _ivf(index)
@@ -161,7 +170,9 @@ def build_index(
             progress("build", end, n)
     add_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    built = Built(index, choice.factory, None, train_s=train_s, add_s=add_s)
+    built = Built(
+        index, choice.factory, None, train_s=train_s, add_s=add_s, reused_quantizer=reused
+    )
     if n:
         tune_q = sample_queries(vectors, TUNE_QUERIES, seed=seed + 1)
         eval_q = sample_queries(vectors, EVAL_QUERIES, seed=seed + 2)
@@ -173,6 +184,24 @@ def build_index(
             progress("check", 1, 1)
     built.tune_s = time.perf_counter() - t0
     return built
+
+
+def _reuse_quantizer(index: faiss.Index, centroids: npt.NDArray[np.float32]) -> bool:
+    """Make ``centroids`` the coarse quantizer of an untrained ``IVF…,Flat`` ``index``
+    (True), or leave it untouched (False: another kind of index, or centroids of another
+    shape or with non-finite values)."""
+    ivf = _ivf(index)
+    if (
+        ivf is None
+        or index.is_trained
+        or not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
+    ):
+        return False
+    if centroids.shape != (int(ivf.nlist), int(ivf.d)) or not np.all(np.isfinite(centroids)):
+        return False
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ivf.is_trained = True
+    return True
 
 
 def _tune(

@@ -207,3 +207,92 @@ def test_a_version_without_its_manifest_copy_is_not_a_version(tmp_path: Path) ->
     # v2: its build lost the race for the delta lock before writing the manifest copy
     assert files.versions_on_disk(tmp_path) == [1]
     assert files.incomplete_versions(tmp_path) == [2]
+
+
+def _unit(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def test_an_index_file_is_streamed_in_faiss_format_with_its_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    x = _unit(3000, 16, seed=2)
+    built = build_index(Choice("IVF32,Flat", "t", 32), np.arange(3000, dtype=np.int64), x)
+    seen: list[tuple[int, int]] = []
+    sha, size = files.write_index_atomic(
+        tmp_path / "v00000001.faiss", built.index, progress=lambda d, t: seen.append((d, t))
+    )
+    data = (tmp_path / "v00000001.faiss").read_bytes()
+    assert data == faiss.serialize_index(built.index).tobytes()
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert size == len(data)
+    assert seen[-1][0] == size
+    assert all(done <= total for done, total in seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["v00000001.faiss"]
+
+
+def test_a_failed_index_write_leaves_nothing_and_stops_the_serialisation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    x = _unit(3000, 16, seed=3)
+    built = build_index(Choice("IVF32,Flat", "t", 32), np.arange(3000, dtype=np.int64), x)
+    monkeypatch.setattr(files, "WRITE_CHUNK_BYTES", 1024)
+
+    def disk_full(done: int, total: int) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.write_index_atomic(tmp_path / "v00000001.faiss", built.index, progress=disk_full)
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "afterwrite-index-write"]
+
+
+def test_a_reused_quantizer_builds_the_same_index_without_training(tmp_path: Path) -> None:
+    x = _unit(4000, 16, seed=4)
+    ids = np.arange(10, 4010, dtype=np.int64)
+    choice = Choice("IVF32,Flat", "t", 32)
+    first = build_index(choice, ids, x)
+    files.write_index_atomic(tmp_path / "v00000001.faiss", first.index)
+    centroids = files.quantizer_centroids(tmp_path / "v00000001.faiss")
+    assert centroids is not None
+    assert centroids.shape == (32, 16)
+
+    again = build_index(choice, ids, x, centroids=centroids)
+    assert again.reused_quantizer
+    assert not first.reused_quantizer
+    assert again.recall_at_10 == first.recall_at_10
+    assert again.params == first.params
+    q = _unit(20, 16, seed=5)
+    assert np.array_equal(again.index.search(q, 10)[1], first.index.search(q, 10)[1])
+    # more vectors than the centroids were trained on: still every vector, exact on itself
+    more = np.concatenate([x, _unit(2000, 16, seed=6)])
+    grown = build_index(choice, np.arange(6000, dtype=np.int64), more, centroids=centroids)
+    assert grown.reused_quantizer
+    assert grown.index.ntotal == 6000
+    assert grown.recall_at_10 is not None
+    assert grown.recall_at_10 >= 0.95
+
+
+def test_centroids_that_do_not_fit_are_ignored_and_the_index_is_trained(tmp_path: Path) -> None:
+    x = _unit(3000, 16, seed=7)
+    ids = np.arange(3000, dtype=np.int64)
+    centroids = _unit(32, 16, seed=8)
+    for factory, nlist, given in (
+        ("IVF64,Flat", 64, centroids),  # another number of lists
+        ("IVF32,Flat", 32, np.full((32, 16), np.nan, dtype=np.float32)),
+        ("IVF32,PQ4", 32, centroids),  # PQ codes need training too
+        ("IDMap2,Flat", None, centroids),
+    ):
+        built = build_index(Choice(factory, "t", nlist), ids, x, centroids=given)
+        assert not built.reused_quantizer, factory
+        assert built.index.is_trained
+    flat = build_index(Choice("IDMap2,Flat", "t"), ids, x)
+    files.write_index_atomic(tmp_path / "flat.faiss", flat.index)
+    (tmp_path / "junk.faiss").write_bytes(b"not an index")
+    assert files.quantizer_centroids(tmp_path / "flat.faiss") is None
+    assert files.quantizer_centroids(tmp_path / "junk.faiss") is None
+    assert files.quantizer_centroids(tmp_path / "missing.faiss") is None

@@ -217,6 +217,30 @@ def live_params(collection: str, model: str, dim: int) -> tuple[str, str, int, i
     return (collection, model, dim, dim * 4)
 
 
+def scan_in_heap_order(conn: psycopg.Connection[Any]) -> None:
+    """Make this transaction's scans of ``embeddings`` stream rows in heap order.
+
+    Two things shuffled a rebuild's rows: a parallel sequential scan (its ``Gather``
+    interleaves the workers' pages) and synchronized scans (a large table's scan starts
+    wherever the last scan of it was, even a finished or cut-short one). Sorting 1M vectors
+    back into id order then cost 6-13 s (a 1.5 GB gather). One backend scanning from the
+    first page streams a table written in id order in id order, so the sort is a no-op; on 2
+    cores the parallel workers only competed with the client parsing the rows. JIT is off
+    too: compiling the filter costs more than it saves on a scan bound by the client."""
+    conn.execute("SET LOCAL synchronize_seqscans = off")
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    conn.execute("SET LOCAL jit = off")
+
+
+@dataclass(frozen=True)
+class DocIds:
+    """The rows' ``ids`` (ascending) and their ``doc_ids``, read in the snapshot the vectors
+    are read in."""
+
+    ids: npt.NDArray[np.int64]
+    doc_ids: list[str]
+
+
 def read_vectors(
     conn: psycopg.Connection[Any],
     collection: str,
@@ -224,20 +248,27 @@ def read_vectors(
     dim: int,
     *,
     progress: Progress | None = None,
+    doc_ids: DocIds | None = None,
 ) -> Vectors:
     """The collection's live vectors of ``model``, sorted by id. Call inside one REPEATABLE
-    READ transaction: the doc ids and the vectors then describe the same rows."""
+    READ transaction: the doc ids and the vectors then describe the same rows. ``doc_ids``:
+    the rows' doc ids when already read in this transaction (a build reads them with the
+    documents); otherwise read here first."""
     where, params = LIVE_WHERE, live_params(collection, model, dim)
     cur = conn.cursor()
     # The doc ids first, in id order: their count sizes the vector arrays exactly (no separate
     # count(*) scan), and they line up with the sorted vectors without a million-entry dict.
-    with cur.copy(
-        f"COPY (SELECT id, doc_id FROM embeddings WHERE {where} ORDER BY id) TO STDOUT", params
-    ) as copy:
-        text = b"".join(bytes(c) for c in copy)
-    doc_ids, doc_row_ids = parse_id_text(text)
-    del text
-    total = len(doc_ids)
+    if doc_ids is None:
+        with cur.copy(
+            f"COPY (SELECT id, doc_id FROM embeddings WHERE {where} ORDER BY id) TO STDOUT",
+            params,
+        ) as copy:
+            text = b"".join(bytes(c) for c in copy)
+        names, doc_row_ids = parse_id_text(text)
+        del text
+    else:
+        names, doc_row_ids = doc_ids.doc_ids, doc_ids.ids
+    total = len(names)
     parser = BinaryRowParser(dim, total)
     with cur.copy(
         f"COPY (SELECT id, vector FROM embeddings WHERE {where}) TO STDOUT (FORMAT BINARY)",
@@ -252,15 +283,15 @@ def read_vectors(
     ids, vectors = parser.finish()
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
-    vectors = vectors[order] if not _is_identity(order) else vectors
+    vectors = vectors[order] if not is_identity(order) else vectors
     if not np.array_equal(doc_row_ids, ids):
         raise SourceError("the vectors and the doc ids do not describe the same rows")
     if progress is not None:
         progress("read", len(ids), total)
-    return Vectors(ids, vectors, doc_ids)
+    return Vectors(ids, vectors, names)
 
 
-def _is_identity(order: npt.NDArray[np.intp]) -> bool:
+def is_identity(order: npt.NDArray[np.intp]) -> bool:
     return bool(np.all(order == np.arange(order.shape[0])))
 
 
