@@ -233,8 +233,10 @@ def write_index_atomic(
     return sha, path.stat().st_size
 
 
-class _WriteAbandoned(Exception):
-    """The file write failed: the FAISS serialisation feeding it stops."""
+class _WriteAbandoned(TransientError):
+    """The file write failed: the FAISS serialisation feeding it stops. It never leaves
+    :func:`write_index_atomic` (the file write's own error does); were it to, a write that
+    was abandoned part-way is one to retry, hence transient."""
 
 
 def _estimated_size(index: faiss.Index) -> int:
