@@ -280,7 +280,7 @@ def wait_committed(
             timeline.observe(now, done)
             if previous is None or done != previous[1]:
                 last_change = now
-            mb = rss.maybe_sample(now) if rss is not None else None
+            mb = rss.maybe_sample(now, committed=done) if rss is not None else None
             info = ""
             if timeline.first is not None and now > timeline.first[0]:
                 rate = (done - timeline.first[1]) / (now - timeline.first[0])
@@ -301,7 +301,7 @@ def wait_committed(
                 )
             time.sleep(POLL_S)
     if rss is not None:
-        rss.maybe_sample(time.perf_counter(), force=True)
+        rss.maybe_sample(time.perf_counter(), force=True, committed=committed())
     return timeline
 
 
@@ -340,6 +340,7 @@ def measure_drain(b: Bench, backlog: Backlog, count: int, label: str) -> dict[st
         "postgres_s": None if postgres_cpu is None else round(postgres_cpu, 2),
         "redis_s": round(redis_cpu, 2),
         "worker_us_per_row": _us_per_row(worker_cpu, count),
+        "worker_steady_us_per_row": worker_rss.get("steady_cpu_us_per_row"),
         "postgres_us_per_row": _us_per_row(postgres_cpu, count),
         "redis_us_per_row": _us_per_row(redis_cpu, count),
     }

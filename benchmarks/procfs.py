@@ -115,9 +115,13 @@ class RssSampler:
     """Latest CPU seconds per pid (a pid that exits keeps its last reading)."""
     cpu_at: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since ``started``, CPU seconds of the tree so far)"""
+    progress: list[tuple[int, float]] = field(default_factory=list)
+    """(rows committed, CPU seconds of the tree so far) at each sample the caller counted"""
     next_at: float = 0.0
 
-    def maybe_sample(self, now: float, *, force: bool = False) -> float | None:
+    def maybe_sample(
+        self, now: float, *, force: bool = False, committed: int | None = None
+    ) -> float | None:
         if not force and now < self.next_at:
             return None
         self.next_at = now + RSS_EVERY_S
@@ -130,6 +134,8 @@ class RssSampler:
             self.peak_per_pid[pid] = max(self.peak_per_pid.get(pid, 0.0), mb)
         self.cpu_s.update(sample.cpu_s)
         self.cpu_at.append((t, sum(self.cpu_s.values())))
+        if committed is not None:
+            self.progress.append((committed, self.cpu_at[-1][1]))
         return sample.total_mb
 
     def report(self, first_commit_at: float | None) -> dict[str, Any]:
@@ -148,4 +154,20 @@ class RssSampler:
             "samples": [list(s) for s in self.samples],
             # CPU the worker tree used from its last idle sample to the end of the drain.
             "drain_cpu_s": round(self.cpu_at[-1][1] - (cpu_before[-1] if cpu_before else 0), 2),
+            "steady_cpu_us_per_row": self.steady_us_per_row(),
         }
+
+    def steady_us_per_row(self, lo: float = 0.2, hi: float = 0.9) -> float | None:
+        """The tree's CPU µs per row while it drained at full speed: between the samples where
+        ``lo`` and ``hi`` of the rows had been committed. Unlike ``drain_cpu_s`` per row it
+        leaves out fixed costs (pool children loading what their first task needs, the last
+        acknowledgements), which a short backlog divides among few rows. None when fewer than
+        two samples fall in that span."""
+        if not self.progress:
+            return None
+        total = self.progress[-1][0]
+        inside = [(rows, cpu) for rows, cpu in self.progress if lo * total <= rows <= hi * total]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        (r1, c1), (r2, c2) = inside[0], inside[-1]
+        return round((c2 - c1) / (r2 - r1) * 1e6, 1)

@@ -109,8 +109,8 @@ def _drain_rows(table: Table, d: dict[str, Any], cfg: dict[str, Any], shape: str
     table.add_row(
         f"  {shape}CPU µs/row: worker / postgres / redis (drain)",
         f"{_num(worker)} / {_num(dc['postgres_us_per_row'])} / {_num(dc['redis_us_per_row'])}",
-        f"ceiling: python {_num(cc['python_us_per_row'])} / postgres "
-        f"{_num(cc['postgres_us_per_row'])}",
+        f"worker at full speed {_num(dc.get('worker_steady_us_per_row'))}; ceiling: python "
+        f"{_num(cc['python_us_per_row'])} / postgres {_num(cc['postgres_us_per_row'])}",
         "",
         f"worker ≤ {TARGET_WORKER_US_PER_ROW:.0f}",
         _ok(None if worker is None else worker <= TARGET_WORKER_US_PER_ROW),
