@@ -218,7 +218,7 @@ def history_index_responses(batch: int) -> None:
             "too, or responses stored from now on stay unindexed",
             err=True,
         )
-    shown = [0.0]
+    shown = [time.monotonic()]  # a line a second, after the first second
 
     def progress(r: FillReport) -> None:
         if time.monotonic() - shown[0] >= 1.0:
