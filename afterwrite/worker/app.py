@@ -132,6 +132,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redbeat_redis_url": s.celery_broker_url if broker_is_redis else s.require_redis_url(),
         "redbeat_key_prefix": f"{s.stream_prefix}:beat",
         "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT_S,
+        # Said, not inherited: redbeat 2.4 warns at every beat start that it will stop falling
+        # back to broker_transport_options (ack_emulation is the broker's, not its client's).
+        "redbeat_redis_options": {},
         "beat_max_loop_interval": BEAT_LOCK_TIMEOUT_S / 5,
     }
     broker = urlsplit(settings.celery_broker_url)

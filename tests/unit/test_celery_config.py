@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import ssl
+import warnings
+
+from celery import Celery
+from redbeat.schedulers import RedBeatConfig
 
 from afterwrite.core.settings import load_settings
 from afterwrite.worker.app import DISPATCH_TASK, RECLAIM_TASK, celery_config
@@ -25,6 +29,16 @@ def test_json_only_and_a_schedule_per_kind() -> None:
     # beat's state as JSON in Redis, under the pipeline's prefix, never a pickle file
     assert config["beat_scheduler"] == "afterwrite.worker.beat:Scheduler"
     assert config["redbeat_key_prefix"] == "afterwrite:beat"
+
+
+def test_beat_starts_without_redbeat_deprecation_warnings() -> None:
+    app = Celery("t", set_as_current=False)
+    app.conf.update(celery_config(load_settings({}, redis_url="redis://cache:6379/0")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # redbeat warns (and logs) at every beat start
+        conf = RedBeatConfig(app)
+    assert conf.redis_url == "redis://cache:6379/0"
+    assert conf.key_prefix == "afterwrite:beat"
 
 
 def test_tls_broker_verifies_certificates() -> None:
