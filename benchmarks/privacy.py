@@ -9,7 +9,8 @@ a card number, a phone number and an IP address in its query and response) is pr
 the stream and drained by a real :class:`~afterwrite.worker.ingest.drain.KindDrain` in this
 process, into a real database, with redaction off and with ``query.*=all`` (every built-in on
 query, response, retrieval and metadata). Figures are this process's CPU time (``/proc``
-user + system) per row: robust to a busy machine, unlike wall time. PostgreSQL's own CPU is
+user + system) per row: steadier than wall time on a busy machine, though it rises with the
+other load too (~2x on two busy cores), so compare rounds of one run. PostgreSQL's own CPU is
 the same in both runs (the rows are as long) and is not counted.
 
 Producer: the CPU one ``record_query`` call costs with ``AFTERWRITE_PRODUCER_REDACT`` off and

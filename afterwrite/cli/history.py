@@ -237,4 +237,5 @@ def history_index_responses(batch: int) -> None:
 
             fail(SCHEMA_MISSING, EXIT_SETUP)
         raise
-    click.echo(f"indexed the responses of {report.filled:,} rows (walked {report.scanned:,})")
+    rows = "row" if report.filled == 1 else "rows"
+    click.echo(f"indexed the responses of {report.filled:,} {rows} (walked {report.scanned:,})")

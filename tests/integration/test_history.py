@@ -342,7 +342,7 @@ def test_search_responses_setting_indexes_answers_and_the_command_fills_older_ro
     monkeypatch.setenv("AFTERWRITE_SEARCH_RESPONSES", "true")
     filled = CliRunner().invoke(history_cmd, ["index-responses", "--batch", "2"])
     assert filled.exit_code == 0, (filled.output, filled.exception)
-    assert "indexed the responses of 1 rows (walked 5)" in filled.output
+    assert "indexed the responses of 1 row (walked 5)" in filled.output
     assert {h.record.id for h in history.search_text("settings")} == {
         before[0],
         question,
